@@ -9,7 +9,8 @@ import typer
 from lacuna.errors import LacunaError, run_main
 
 app = typer.Typer(
-    help="lacuna: prepare datasets into packed shards, train HF causal LMs under FSDP2, chat with the result.",
+    help="lacuna: prepare datasets into packed shards, train HF causal LMs under FSDP2, chat with the result. "
+    "Add --debug to any command to see the full traceback of an error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
