@@ -1,0 +1,188 @@
+"""Build the model (load → liger → activation checkpointing → compile → FSDP2) and compute its loss."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from lacuna import attention
+from lacuna.config import Config
+from lacuna.errors import LacunaError
+from lacuna.loader import Batch
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def resolve_attention(config: Config) -> str:
+    """The transformers attention implementation for `model.attention`."""
+    choice = config.model.attention
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        return "flash_attention_2" if flash and config.model.dtype == "bfloat16" else attention.NAME
+    if choice == "flash_attention_2" and not flash:
+        raise LacunaError("model.attention 'flash_attention_2' needs CUDA and flash-attn: `pip install flash-attn` "
+                          "or use --model.attention varlen_sdpa")
+    return attention.NAME if choice == "varlen_sdpa" else choice
+
+
+def model_configuration(config: Config) -> PreTrainedConfig:
+    """The AutoConfig of `model.name` with `model.config_overrides` applied."""
+    name, overrides = config.model.name, config.model.config_overrides
+    try:
+        model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise LacunaError(f"cannot load model config '{name}' ({str(error).splitlines()[0]}): set model.name to an "
+                          "HF folder with config.json (run `lacuna assets` for the defaults) or a Hub name") from None
+    heads = getattr(model_config, "num_attention_heads", 0)
+    derived_head_dim = heads and getattr(model_config, "head_dim", None) == model_config.hidden_size // heads
+    for key, value in overrides.items():
+        if not hasattr(model_config, key):
+            raise LacunaError(f"model.config_overrides key '{key}' is not a field of {type(model_config).__name__}: "
+                              "fix its spelling (see the model's config.json)")
+        setattr(model_config, key, value)
+    if derived_head_dim and "head_dim" not in overrides:  # config.json stores the derived head_dim: recompute it
+        model_config.head_dim = model_config.hidden_size // model_config.num_attention_heads
+    model_config.use_cache = False
+    return model_config
+
+
+def load_model(config: Config) -> PreTrainedModel:
+    """fp32 HF causal LM: pretrained weights if `model.name` has them, else a seeded random init from its config."""
+    model_config = model_configuration(config)
+    options = dict(attn_implementation=resolve_attention(config), dtype=torch.float32,
+                   trust_remote_code=config.model.trust_remote_code)
+    folder = Path(config.model.name)
+    torch.manual_seed(config.seed)  # every rank must build identical weights before sharding
+    if folder.is_dir() and not any(path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)):
+        return AutoModelForCausalLM.from_config(model_config, **options)
+    try:
+        return AutoModelForCausalLM.from_pretrained(config.model.name, config=model_config, **options)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise LacunaError(f"cannot load model weights from '{config.model.name}' ({str(error).splitlines()[0]}): "
+                          "check model.name and that model.config_overrides keeps the weight shapes") from None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (possibly already wrapped for activation checkpointing)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+            isinstance(getattr(layer, "_checkpoint_wrapped_module", layer), GradientCheckpointingLayer)
+            for layer in module
+        ):
+            return module
+    raise LacunaError(f"{type(model).__name__} has no list of decoder layers lacuna can shard: use a transformers "
+                      "causal LM whose blocks are GradientCheckpointingLayer modules (Llama, Qwen2, Mistral, ...)")
+
+
+def apply_liger(model: nn.Module, config: Config, device: torch.device) -> None:
+    """Liger's fused RMSNorm/SwiGLU kernels (CUDA only); the loss stays in `loss_sum`."""
+    if config.model.liger == "off":
+        return
+    if device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        if config.model.liger == "on":
+            raise LacunaError("model.liger 'on' needs CUDA and liger-kernel: `pip install liger-kernel` "
+                              "or use --model.liger auto")
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=False, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        layers[index] = checkpoint_wrapper(layer)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Regional compile: each decoder layer compiled on its own (identical layers reuse the compiled code)."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def apply_fsdp(model: nn.Module, config: Config, device: torch.device) -> None:
+    """FSDP2 over all ranks: one shard group per decoder layer, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    compute_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=config.parallel.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root stays unsharded between forward and backward
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # sum over ranks: the trainer divides by the global token count
+            module.set_gradient_divide_factor(1.0)  # forced SUM: gloo has no PREMUL_SUM (the op for factor 1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def build_model(config: Config, device: torch.device) -> nn.Module:
+    """The training model on `device`, sharded over the initialized process group."""
+    model = load_model(config)
+    apply_liger(model, config, device)
+    if config.model.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.model.compile:
+        apply_compile(model)
+    apply_fsdp(model, config, device)
+    return model
+
+
+def loss_sum(model: nn.Module, batch: Batch) -> Tensor:
+    """fp32 scalar: sum of the token cross-entropies over supervised positions (labels != -100) of one packed batch."""
+    supervised = batch.labels != -100
+    output = model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
+        logits_to_keep=supervised,  # project only supervised positions onto the vocabulary
+        cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+        max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
+    )
+    logits = output.logits.flatten(0, -2)
+    targets = batch.labels[supervised]
+    if logits.shape[0] != targets.shape[0]:  # a model that ignores logits_to_keep returns every position
+        logits = logits[supervised.flatten()]
+    # an empty selection still yields a graph-connected zero, so FSDP's collectives run on every rank
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on embeddings (tied lm_head included), norms and biases."""
+    embeddings = {id(parameter) for module in model.modules() if isinstance(module, nn.Embedding)
+                  for parameter in module.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or id(parameter) in embeddings else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def count_parameters(model: nn.Module, matmul_only: bool = False) -> int:
+    """Unique parameters (global sizes under FSDP); `matmul_only`: without embedding lookups, plus a tied lm_head."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    if not matmul_only:
+        return total
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total - embedding.numel() + (head.numel() if head is embedding else 0)
+
+
+def flops_per_token(model_config: PreTrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the N matmul parameters plus 12·layers·heads·head_dim·seq_len for attention.
+
+    The attention term is the PaLM/nanoGPT convention (every token attends to a full `seq_len` context), so MFU
+    stays comparable across runs; causal, per-document attention does less work than that.
+    """
+    with torch.device("meta"):  # trust_remote_code: the config object already came from code the user trusted
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=True)
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    attention_flops = 12.0 * model_config.num_hidden_layers * model_config.num_attention_heads * head_dim * seq_len
+    return 6.0 * count_parameters(model, matmul_only=True) + attention_flops
