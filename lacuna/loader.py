@@ -1,9 +1,20 @@
-"""Memory-mapped, deterministic, resumable batches of packed rows (owned by the train-loop engineer)."""
+"""Memory-mapped, deterministic, resumable batches of packed rows (owned by the train-loop engineer).
 
+Order: every epoch is a seeded permutation of all rows. An optimizer step takes the next global batch of
+`batch_size × grad_accum × world_size` rows from it (a trailing partial global batch is skipped), rank r takes
+the r-th contiguous slice and splits it into grad_accum micro-batches. The data position is (epoch, offset in
+rows), so a resume continues at the exact next row, also with another world size at the same global batch.
+"""
+
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Int
+
+from lacuna.errors import LacunaError
 
 
 @dataclass
@@ -14,7 +25,108 @@ class Batch:
     position_ids: Int[torch.Tensor, "1 total"]
     labels: Int[torch.Tensor, "1 total"]
     """Already shifted: labels[t] is the target predicted at t (-100 = no target)."""
-    cu_seqlens: Int[torch.Tensor, "segments_plus_one"]
+    cu_seqlens: Int[torch.Tensor, "segments_plus_one"]  # noqa: F821 (a jaxtyping dimension, not a name)
     """int32 document boundaries over the flattened sequence (padding tails are their own segment)."""
     max_seqlen: int
     supervised_tokens: int
+
+    def to(self, device: torch.device) -> "Batch":
+        """This batch with its tensors on `device`."""
+        move = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.cu_seqlens),
+                     self.max_seqlen, self.supervised_tokens)
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    offset: int = 0
+    """Rows of this epoch's permutation already consumed."""
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of all row indices for one epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def shifted_labels(tokens: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """labels[t] = tokens[t+1] where that token is supervised, else -100; the last position has no target."""
+    labels = np.full(len(tokens), -100, dtype=np.int64)
+    labels[:-1] = np.where(loss_mask[1:] == 1, tokens[1:], -100)
+    return labels
+
+
+def position_ids(cu_seqlens: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at every document boundary."""
+    starts = np.repeat(cu_seqlens[:-1], np.diff(cu_seqlens))
+    return np.arange(cu_seqlens[-1], dtype=np.int64) - starts
+
+
+def collate(rows: list[Any]) -> Batch:
+    """Flatten packed rows (shards.Row) into one sequence with row-offset document boundaries."""
+    seq_len = len(rows[0].tokens)
+    boundaries = [row.cu_seqlens[:-1].astype(np.int64) + index * seq_len for index, row in enumerate(rows)]
+    cu_seqlens = np.concatenate([*boundaries, [len(rows) * seq_len]])
+    tokens = np.concatenate([np.asarray(row.tokens, dtype=np.int64) for row in rows])
+    labels = np.concatenate([shifted_labels(np.asarray(row.tokens, dtype=np.int64), np.asarray(row.loss_mask))
+                             for row in rows])
+    return Batch(
+        input_ids=torch.from_numpy(tokens)[None],
+        position_ids=torch.from_numpy(position_ids(cu_seqlens))[None],
+        labels=torch.from_numpy(labels)[None],
+        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
+        max_seqlen=max(int(row.max_seqlen) for row in rows),
+        supervised_tokens=sum(int(row.supervised) for row in rows),
+    )
+
+
+class Loader:
+    """Yields each optimizer step's micro-batches for one rank, plus the step's global supervised-token count."""
+
+    def __init__(self, shards: Any, batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                 position: DataPosition | None = None) -> None:
+        self.shards, self.batch_size, self.grad_accum = shards, batch_size, grad_accum
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.position = position or DataPosition()
+        self.global_batch_rows = batch_size * grad_accum * world_size
+        if batch_size < 1 or grad_accum < 1:
+            raise LacunaError(f"--batch-size and --grad-accum must be at least 1 (got {batch_size}, {grad_accum})")
+        if self.global_batch_rows > shards.num_rows:
+            raise LacunaError(f"a global batch of {self.global_batch_rows} rows (batch size {batch_size} × grad accum "
+                              f"{grad_accum} × {world_size} ranks) exceeds the {shards.num_rows} rows of the data: "
+                              "lower --batch-size or --grad-accum, or prepare more data")
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order_epoch, self._order = epoch, epoch_order(self.shards.num_rows, self.seed, epoch)
+        return self._order
+
+    def next_step(self) -> tuple[list[Batch], int]:
+        """This rank's micro-batches of the next global batch, and the supervised tokens of the whole global batch."""
+        if self.position.offset + self.global_batch_rows > self.shards.num_rows:
+            self.position = DataPosition(self.position.epoch + 1, 0)
+        start = self.position.offset
+        indices = self._epoch_order(self.position.epoch)[start:start + self.global_batch_rows]
+        self.position = DataPosition(self.position.epoch, start + self.global_batch_rows)
+        supervised_total = int(np.asarray(self.shards.supervised_counts)[indices].sum())
+        rank_rows = self.batch_size * self.grad_accum
+        mine = indices[self.rank * rank_rows:(self.rank + 1) * rank_rows]
+        batches = [collate([self.shards.row(int(index)) for index in mine[first:first + self.batch_size]])
+                   for first in range(0, rank_rows, self.batch_size)]
+        return batches, supervised_total
+
+
+def eval_batches(shards: Any, batch_size: int, rank: int, world_size: int, max_rows: int) -> Iterator[Batch]:
+    """This rank's share of the first `max_rows` rows; every rank yields the same number of batches (FSDP needs
+    matching collectives), a rank past the end gets row 0 with all labels masked."""
+    rows = min(max_rows, shards.num_rows)
+    for first in range(0, rows, batch_size * world_size):
+        mine = range(first + rank * batch_size, min(first + (rank + 1) * batch_size, rows))
+        if len(mine):
+            yield collate([shards.row(index) for index in mine])
+        else:
+            batch = collate([shards.row(0)])
+            batch.labels.fill_(-100)
+            batch.supervised_tokens = 0
+            yield batch

@@ -1,0 +1,108 @@
+"""Training observability: peak flops for MFU, memory, and the rank-0 logger (console, metrics.jsonl, wandb)."""
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peak in TFLOPS, matched as a substring of torch.cuda.get_device_name().
+GPU_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0, "A100": 312.0,
+                   "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+                   "RTX 4090": 165.0, "RTX 3090": 71.0, "MI300X": 1307.0}
+
+
+def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 6) -> float:
+    """Best matmul flops of this process on CPU (no spec-sheet peak to look up); best-of filters out noise."""
+    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        left @ right
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float | None) -> float:
+    """Per-device peak flops: configured, else the GPU table, else measured."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return measure_matmul_flops(dtype if device.type == "cpu" else torch.bfloat16)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after `last_step` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+
+
+class MetricsLogger:
+    """Writes records to RUN_DIR/metrics.jsonl, a console line and wandb; a no-op except on rank 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_mode: str, wandb_project: str,
+                 config: dict[str, Any], total_steps: int) -> None:
+        from rich.console import Console
+
+        self.enabled, self.total_steps, self.console = enabled, total_steps, Console(highlight=False, soft_wrap=True)
+        self.file = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        self.wandb: Any = None
+        if enabled and wandb_mode != "off":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
+                                    name=run_dir.name, resume="allow")
+
+    def print(self, message: str, **options: Any) -> None:
+        """A console message on rank 0 (`options` go to rich's Console.print)."""
+        if self.enabled:
+            self.console.print(message, **options)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record (must hold `step`) to every sink."""
+        if not self.enabled:
+            return
+        assert self.file is not None
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
+        self.console.print(format_record(record, self.total_steps))
+
+    def close(self) -> None:
+        """Flush and close the sinks."""
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_record(record: dict[str, Any], total_steps: int) -> str:
+    """The console line for one logged step."""
+    line = (f"[bold]step {record['step']:>{len(str(total_steps))}}/{total_steps}[/] "
+            f"loss [cyan]{record['loss']:.4f}[/] lr {record['lr']:.2e} grad {record['grad_norm']:.3f} "
+            f"| {record['tokens_per_second']:,.0f} tok/s ({record['supervised_tokens_per_second']:,.0f} sup) "
+            f"MFU {100 * record['mfu']:.2f}% | {record['step_seconds']:.3f} s/step "
+            f"(data {100 * record['data_wait_share']:.0f}%) | mem {record['memory_gib']:.2f} GiB")
+    if "eval_loss" in record:
+        line += f" | [green]eval {record['eval_loss']:.4f}[/]"
+    return line

@@ -1,0 +1,109 @@
+"""Checkpoints: atomic saves, retention, exact resume after a kill, HF export (tiny real Llama, CPU fp32)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from test_train import make_model_folder, prepare_data, read_metrics, train_arguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lacuna.chat_templates import has_generation_tags
+from lacuna.checkpoint import complete_checkpoints, export, prune, resume_path
+from lacuna.errors import LacunaError
+from lacuna.train import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoint")
+    model = make_model_folder(root / "model")
+    data = prepare_data(model, root / "data")
+    main(run_arguments(data, model, root / "run"))
+    return {"root": root, "model": model, "data": data, "run": root / "run"}
+
+
+def run_arguments(data: Path, model: Path, run_dir: Path) -> list[str]:
+    return train_arguments(data, model, run_dir, "--batch-size", "2", "--grad-accum", "2", "--checkpoint-every", "1",
+                           "--checkpoint.keep", "3")
+
+
+def deterministic(run_dir: Path) -> list[dict]:
+    """Metrics records without the timing and memory figures."""
+    keys = ("step", "loss", "lr", "grad_norm", "eval_loss", "epoch")
+    return [{key: record.get(key) for key in keys} for record in read_metrics(run_dir)]
+
+
+def fake_checkpoint(directory: Path, step: int, eval_loss: float | None) -> None:
+    path = directory / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+
+
+def test_retention_keeps_the_newest_and_the_best_and_skips_partial_saves(tmp_path: Path) -> None:
+    for step, eval_loss in enumerate([None, 0.5, None, 0.9, None, None], start=1):
+        fake_checkpoint(tmp_path, step, eval_loss)
+    (tmp_path / "step-00000007.tmp").mkdir()  # a save interrupted before its rename
+    (tmp_path / "step-00000008").mkdir()  # no meta.json: not a checkpoint
+    assert [path.name for path in complete_checkpoints(tmp_path)][-1] == "step-00000006"
+    assert resume_path("latest", tmp_path.parent) is None  # `latest` looks in RUN_DIR/checkpoints
+    prune(tmp_path, keep=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000002", "step-00000005", "step-00000006"]
+    with pytest.raises(LacunaError, match="not a complete lacuna checkpoint"):
+        resume_path(str(tmp_path / "step-00000009"), tmp_path)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run_bit_for_bit(trained: dict[str, Path]) -> None:
+    run = trained["run"]
+    assert [path.name for path in complete_checkpoints(run / "checkpoints")] == [
+        "step-00000002", "step-00000003", "step-00000004"]
+    # What a kill during step 4's save leaves: checkpoints up to step 2 (3 lost too), a half-written temp folder,
+    # metrics records past the checkpoint, no export.
+    killed = trained["root"] / "killed"
+    shutil.copytree(run, killed)
+    for name in ("checkpoints/step-00000003", "checkpoints/step-00000004", "export"):
+        shutil.rmtree(killed / name)
+    (killed / "checkpoints/step-00000004.tmp").mkdir()
+    (killed / "checkpoints/step-00000004.tmp/__0_0.distcp").write_bytes(b"partial")
+    main(run_arguments(trained["data"], trained["model"], killed))
+    assert deterministic(killed) == deterministic(run)
+    assert (killed / "export/model.safetensors").read_bytes() == (run / "export/model.safetensors").read_bytes()
+    assert not (killed / "checkpoints/step-00000004.tmp").exists()
+
+
+def test_export_reloads_in_plain_transformers_with_the_trained_weights_and_generates(trained: dict[str, Path]) -> None:
+    checkpoint = trained["run"] / "checkpoints/step-00000004"
+    out = trained["root"] / "export"
+    export(checkpoint, out)
+    assert (out / "model.safetensors").read_bytes() == (trained["run"] / "export/model.safetensors").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    stored = {"model": {name: torch.zeros_like(tensor) for name, tensor in model.state_dict().items()}}
+    dcp.load(stored, checkpoint_id=checkpoint, no_dist=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, stored["model"][name]), name
+    initial = AutoModelForCausalLM.from_config(model.config)
+    assert not torch.equal(initial.model.norm.weight, model.model.norm.weight)  # training moved the weights
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+    assert has_generation_tags(tokenizer.chat_template)  # the template the SFT masks were made with
+
+
+def test_export_refuses_to_overwrite_a_folder_that_is_not_a_model(trained: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(LacunaError, match="is not an HF model folder"):
+        export(trained["run"] / "checkpoints/step-00000004", tmp_path)
+    with pytest.raises(LacunaError, match="not a complete lacuna checkpoint"):
+        export(trained["run"], tmp_path / "out")
+
+
+def test_resuming_a_checkpoint_of_another_model_is_an_error(trained: dict[str, Path], tmp_path: Path) -> None:
+    arguments = train_arguments(trained["data"], trained["model"], tmp_path / "run", "--resume",
+                                str(trained["run"] / "checkpoints/step-00000002"), "--model.config-overrides",
+                                "{intermediate_size = 256}")
+    with pytest.raises(LacunaError, match="from a different model"):
+        main(arguments)
