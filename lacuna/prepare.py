@@ -1,0 +1,577 @@
+"""`lacuna prepare {pretrain,sft}`: a dataset becomes best-fit packed, memory-mapped shards (format: lacuna/shards.py).
+
+Two phases, so that any number of processes gives byte-identical output:
+1. Tokenize. Process r of W (W = 1, torchrun's WORLD_SIZE, or --num-shards with --shard-index r) tokenizes
+   its contiguous slice of every source (`split_dataset_by_node`) into OUT.partial/parts/part-r.*, with a
+   JSON marker written last. --num-proc worker processes share the slice batch by batch, in order.
+2. Merge. The process that finishes last sees all W markers and wins an exclusive lock file. It orders
+   documents globally (source, then position), holds out a seeded val fraction, applies mixture weights,
+   packs each split with best-fit decreasing, shuffles rows with the seed, writes shards and then the
+   manifest, and renames OUT.partial to OUT. Nothing in this phase depends on W or --num-proc.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lacuna.config import Config, PrepareConfig, load_config
+from lacuna.errors import LacunaError, run_main
+from lacuna.packing import best_fit_decreasing
+from lacuna.shards import FORMAT_NAME, FORMAT_VERSION, SPLITS, token_dtype, tokenizer_hash, write_shard
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards", "streaming"}
+KEPT, TRUNCATED, DROPPED, EMPTY = 0, 1, 2, 3  # per-document status
+BATCH_SIZE = 1000
+
+
+@dataclass
+class Source:
+    spec: str
+    weight: float | None
+    files: list[Path] | None  # None: a Hub dataset
+    dataset: Any = None
+    field: str = ""
+    field_option: str = ""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def parse_source(text: str) -> Source:
+    """`path_or_name[:weight]` -> a Source with its local files resolved (None: a Hub dataset)."""
+    name, colon, tail = text.rpartition(":")
+    try:
+        weight = float(tail) if colon and name else None
+    except ValueError:
+        name, weight = text, None
+    if weight is not None and not weight > 0:
+        raise LacunaError(f"dataset weight in '{text}' must be > 0, e.g. --dataset {name}:0.5")
+    name = name if weight is not None else text
+    return Source(name, weight, local_files(name))
+
+
+def local_files(spec: str) -> list[Path] | None:
+    """The files a local dataset spec (file, glob, folder) names, or None for a Hub name."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(file for file in path.rglob("*") if file.suffix in LOCAL_BUILDERS)
+    elif any(character in spec for character in "*?["):
+        files = sorted(Path(match) for match in glob.glob(spec, recursive=True))
+    elif path.suffix in LOCAL_BUILDERS or path.exists():
+        files = [path] if path.is_file() else []
+    else:
+        return None
+    if not files:
+        raise LacunaError(f"dataset '{spec}' not found (no .jsonl/.json/.parquet/.txt files there): check --dataset")
+    if len({LOCAL_BUILDERS.get(file.suffix) for file in files}) != 1 or files[0].suffix not in LOCAL_BUILDERS:
+        raise LacunaError(f"dataset '{spec}' mixes file types: use one of .jsonl/.json, .parquet, .txt per --dataset")
+    return files
+
+
+def malformed_json_line(files: list[Path]) -> str | None:
+    """`file:line: reason` for the first JSON line that does not parse (datasets' own error names neither)."""
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".json":
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError as error:
+                if error.msg != "Extra data":  # "Extra data": JSON Lines, checked below
+                    return f"{file}:{error.lineno}: malformed JSON ({error.msg})"
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as error:
+                return f"{file}:{number}: malformed JSON ({error.msg})"
+    return None
+
+
+def read_error(source: Source, error: Exception) -> LacunaError:
+    json_files = source.files and source.files[0].suffix in (".json", ".jsonl")
+    if json_files and (where := malformed_json_line(source.files)):
+        return LacunaError(f"{where}: fix or remove that line")
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    hint = "check the files" if source.files else "check the name, --subset, --split (offline: cached datasets only)"
+    return LacunaError(f"cannot read dataset '{source.spec}' ({reason}): {hint}")
+
+
+def load_source(source: Source, settings: PrepareConfig) -> Source:
+    from datasets import load_dataset
+
+    try:
+        if source.files is None:
+            source.dataset = load_dataset(source.spec, settings.subset, split=settings.split,
+                                          streaming=settings.streaming)
+        else:
+            builder = LOCAL_BUILDERS[source.files[0].suffix]
+            options = {"sample_by": "document"} if builder == "text" else {}
+            source.dataset = load_dataset(builder, data_files=[str(file) for file in source.files], split="train",
+                                          streaming=settings.streaming, **options)
+    except Exception as error:  # datasets raises many types; all mean "cannot read this source"
+        raise read_error(source, error) from None
+    source.field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
+    source.field_option = "--text-field" if settings.mode == "pretrain" else "--messages-field"
+    columns = source.dataset.column_names  # None for some streamed Hub datasets: checked per batch instead
+    if columns is not None:
+        if source.field == "messages" and "messages" not in columns and "conversations" in columns:
+            source.field = "conversations"  # ShareGPT
+        check_field(source, columns)
+        source.dataset = source.dataset.select_columns([source.field])
+    return source
+
+
+def check_field(source: Source, columns: list[str]) -> None:
+    if source.field not in columns:
+        raise LacunaError(f"dataset '{source.spec}' has no field '{source.field}' (fields: {', '.join(columns)}): "
+                          f"pass {source.field_option} NAME")
+
+
+def record_batches(source: Source, source_index: int, rank: int, world: int) -> Iterator[tuple[int, int, list]]:
+    """(source index, number of the batch's first record, records) for this process's contiguous slice."""
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = split_dataset_by_node(source.dataset, rank=rank, world_size=world)
+    first = 0 if world == 1 else rank * (len(source.dataset) // world) + min(rank, len(source.dataset) % world)
+    try:
+        for batch in dataset.iter(batch_size=BATCH_SIZE):
+            check_field(source, list(batch))
+            yield source_index, first, batch[source.field]
+            first += len(batch[source.field])
+    except LacunaError:
+        raise
+    except Exception as error:
+        raise read_error(source, error) from None
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Encoder:
+    """Turns a batch of records into documents: tokens, loss mask (first token masked), status."""
+
+    mode: str
+    tokenizer: Any
+    template: str | None
+    seq_len: int
+    overlong: str
+    dtype: np.dtype
+    specs: list[str]
+
+    def conversation(self, record: Any, where: str) -> list[dict[str, str]]:
+        if not isinstance(record, list) or not record:
+            raise LacunaError(f"{where}: expected a list of messages, got {type(record).__name__}: fix the record")
+        messages = []
+        for message in record:
+            message = message if isinstance(message, dict) else {}
+            role = message.get("role") or message.get("from")
+            content = message["content"] if message.get("content") is not None else message.get("value")
+            if role not in ROLES:
+                raise LacunaError(f"{where}: unknown role {role!r}: use system/user/assistant (or ShareGPT human/gpt)")
+            if not isinstance(content, str):
+                raise LacunaError(f"{where}: a {role} message has no text content: fix or remove the record")
+            messages.append({"role": ROLES[role], "content": content})
+        if not any(message["role"] == "assistant" for message in messages):
+            raise LacunaError(f"{where}: conversation has no assistant turn, so nothing to learn: remove it")
+        return messages
+
+    def encode(self, records: list, source_index: int, first: int) -> tuple[list, list]:
+        where = f"dataset '{self.specs[source_index]}' record #{{}}"
+        if self.mode == "pretrain":
+            for index, record in enumerate(records):
+                if not isinstance(record, str):
+                    raise LacunaError(f"{where.format(first + index + 1)}: text is {type(record).__name__}, not a "
+                                      "string: fix or remove the record")
+            prefix = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+            ids = self.tokenizer(records, add_special_tokens=False, verbose=False)["input_ids"]
+            sequences = [prefix + sequence + [self.tokenizer.eos_token_id] for sequence in ids]
+            return sequences, [[1] * len(sequence) for sequence in sequences]
+        conversations = [self.conversation(record, where.format(first + i + 1)) for i, record in enumerate(records)]
+        encoded = self.tokenizer.apply_chat_template(conversations, chat_template=self.template, tokenize=True,
+                                                     return_dict=True, return_assistant_tokens_mask=True)
+        return encoded["input_ids"], encoded["assistant_masks"]
+
+    def __call__(self, batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
+        sequences, masks = self.encode(batch[2], batch[0], batch[1])
+        tokens, loss_masks, lengths, status = [], [], [], []
+        for sequence, mask in zip(sequences, masks, strict=True):
+            sequence, mask, state = np.asarray(sequence, self.dtype), np.asarray(mask, np.uint8), KEPT
+            if len(sequence) > self.seq_len and self.mode == "sft":
+                state = TRUNCATED if self.overlong == "truncate" else DROPPED
+                sequence, mask = sequence[: self.seq_len], mask[: self.seq_len]
+            mask[:1] = 0  # no target across a document boundary
+            if state != DROPPED and not mask.any():
+                state = EMPTY
+            if state in (DROPPED, EMPTY):
+                sequence, mask = sequence[:0], mask[:0]
+            tokens.append(sequence), loss_masks.append(mask), lengths.append(len(sequence)), status.append(state)
+        return (np.concatenate(tokens), np.concatenate(loss_masks),
+                np.array(lengths, np.int64), np.array(status, np.int8))
+
+
+ENCODER: Encoder | None = None  # set before forking --num-proc workers, which inherit it
+
+
+def encode_in_worker(batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
+    assert ENCODER is not None
+    return ENCODER(batch)
+
+
+def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConfig, rank: int, world: int,
+                  parts: Path, fingerprint: str) -> None:
+    """Tokenize this process's slice of every source into parts/part-{rank}.*; the JSON marker goes last."""
+    global ENCODER
+    ENCODER = encoder
+    stem = parts / f"part-{rank:05d}"
+    per_document: list[list[np.ndarray]] = [[], []]
+    counts = []
+    shown = not settings.quiet and int(os.environ.get("LOCAL_RANK", 0)) == 0  # torchrun: one display per node
+    pool = get_context("fork").Pool(settings.num_proc) if settings.num_proc > 1 else None
+    try:
+        with (open(f"{stem}.tokens.bin", "wb") as tokens_file, open(f"{stem}.mask.bin", "wb") as mask_file,
+              progress_bar(not shown) as progress):
+            for index, source in enumerate(sources):
+                total = None if settings.streaming else -(-len(source.dataset) // world)
+                task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
+                start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
+                batches = record_batches(source, index, rank, world)
+                for result in pool.imap(encode_in_worker, batches) if pool else map(encoder, batches):
+                    tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
+                    for column, array in zip(per_document, result[2:], strict=True):
+                        column.append(array)
+                    documents, tokens = documents + len(result[2]), tokens + len(result[0])
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    speed = f"{documents / elapsed:,.0f} docs/s  {tokens / elapsed:,.0f} tokens/s"
+                    progress.update(task, completed=documents, speed=speed)
+                counts.append(documents)
+                log(settings.quiet, f"tokenized {source.spec}: {documents:,} documents, {speed}")
+    finally:
+        if pool:
+            pool.terminate()
+    for name, column in zip(("lengths", "status"), per_document, strict=True):
+        np.save(f"{stem}.{name}.npy", np.concatenate(column) if column else np.zeros(0, np.int64))
+    write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": counts}))
+
+
+# ----------------------------------------------------------------------------- merge: plan, pack, write
+
+
+@dataclass
+class Documents:
+    """Every tokenized document in global order (source, then position), pointing into the part files."""
+
+    part: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    status: np.ndarray
+    source: np.ndarray
+    tokens: list[np.ndarray]
+    masks: list[np.ndarray]
+
+
+def map_file(path: str, dtype: type | np.dtype) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+
+
+def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
+    columns: dict[str, list[np.ndarray]] = {key: [] for key in ("part", "start", "length", "status", "source")}
+    tokens, masks = [], []
+    for rank in range(world):
+        stem = parts / f"part-{rank:05d}"
+        tokens.append(map_file(f"{stem}.tokens.bin", dtype)), masks.append(map_file(f"{stem}.mask.bin", np.uint8))
+        lengths, counts = np.load(f"{stem}.lengths.npy"), json.loads(Path(f"{stem}.json").read_text())["documents"]
+        columns["part"].append(np.full(len(lengths), rank)), columns["start"].append(np.cumsum(lengths) - lengths)
+        columns["length"].append(lengths), columns["status"].append(np.load(f"{stem}.status.npy"))
+        columns["source"].append(np.repeat(np.arange(len(counts)), counts))
+    merged = {key: np.concatenate(values) for key, values in columns.items()}
+    order = np.argsort(merged["source"], kind="stable")  # parts are in rank order: (source, rank, position)
+    return Documents(**{key: values[order] for key, values in merged.items()}, tokens=tokens, masks=masks)
+
+
+def plan_splits(documents: Documents, sources: list[Source], settings: PrepareConfig) -> tuple[dict, list[dict]]:
+    """Document ids per split: a seeded val hold-out, then mixture sampling of the train documents per source."""
+    usable = np.flatnonzero(documents.status <= TRUNCATED)
+    if not len(usable):
+        raise LacunaError("no documents left after filtering (all empty, or overlong and dropped): check the data, "
+                          "--seq-len and --overlong")
+    held_out = int(round(settings.val_fraction * len(usable)))
+    held_out = min(max(held_out, 1 if settings.val_fraction > 0 else 0), len(usable) - 1)
+    val = np.sort(np.random.default_rng([settings.seed, 0]).choice(usable, held_out, replace=False))
+    train = np.setdiff1d(usable, val)
+    if len({source.weight is None for source in sources}) > 1:
+        raise LacunaError("give every --dataset a weight (e.g. a.jsonl:0.7 --dataset b.jsonl:0.3) or none")
+    total_weight = sum(source.weight or 0.0 for source in sources)
+    rng = np.random.default_rng([settings.seed, 1])
+    selected, report = [], []
+    for index, source in enumerate(sources):
+        candidates = train[documents.source[train] == index]
+        target = len(candidates)
+        if source.weight is not None:
+            target = int(round(source.weight / total_weight * len(train)))
+        repeats, remainder = divmod(target, len(candidates)) if len(candidates) else (0, 0)
+        extra = np.sort(rng.choice(candidates, remainder, replace=False)) if remainder else candidates[:0]
+        selected.append(np.concatenate([np.tile(candidates, repeats), extra]))
+        available, held = int(np.sum(documents.source == index)), int(np.sum(documents.source[val] == index))
+        report.append({"dataset": source.spec, "weight": source.weight, "documents": available,
+                       "train": len(selected[-1]), "val": held})
+    return {"train": np.concatenate(selected), "val": val}, report
+
+
+def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(part, start, length) of each packing item: documents longer than seq_len (pretrain) become chunks that
+    overlap by one token, so every token but the document's first is a target exactly once."""
+    lengths = documents.length[ids]
+    chunks = np.where(lengths > seq_len, -(-(lengths - 1) // (seq_len - 1)), 1)
+    owner = np.repeat(ids, chunks)
+    offset = (np.arange(chunks.sum()) - np.repeat(np.cumsum(chunks) - chunks, chunks)) * (seq_len - 1)
+    return documents.part[owner], documents.start[owner] + offset, np.minimum(seq_len, documents.length[owner] - offset)
+
+
+def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents: Documents, seq_len: int,
+                dtype: np.dtype, pad_id: int) -> dict[str, np.ndarray]:
+    tokens = np.full((len(rows), seq_len), pad_id, dtype)
+    loss_mask = np.zeros((len(rows), seq_len), np.uint8)
+    boundaries, row_offsets, max_seqlen = [], [0], []
+    parts, starts, lengths = items
+    for index, row in enumerate(rows):
+        bounds = [0]
+        for item in row:
+            part, start, length, position = parts[item], starts[item], lengths[item], bounds[-1]
+            tokens[index, position:position + length] = documents.tokens[part][start:start + length]
+            loss_mask[index, position + 1:position + length] = documents.masks[part][start + 1:start + length]
+            bounds.append(position + length)
+        if bounds[-1] < seq_len:
+            bounds.append(seq_len)  # the padding tail: its own segment
+        boundaries += bounds
+        row_offsets.append(len(boundaries))
+        max_seqlen.append(max(np.diff(bounds)))
+    return {"tokens": tokens, "loss_mask": loss_mask, "cu_seqlens": np.array(boundaries, np.int32),
+            "row_offsets": np.array(row_offsets, np.int64), "supervised": loss_mask.sum(axis=1, dtype=np.int64),
+            "max_seqlen": np.array(max_seqlen, np.int32)}
+
+
+def pack_and_write(documents: Documents, split: str, ids: np.ndarray, settings: PrepareConfig, out: Path,
+                   dtype: np.dtype, pad_id: int) -> tuple[list[dict], dict, np.ndarray]:
+    parts, starts, lengths = segments(documents, ids, settings.seq_len)
+    rows = best_fit_decreasing(lengths, settings.seq_len) if len(lengths) else []
+    order = np.random.default_rng([settings.seed, 2 + SPLITS.index(split)]).permutation(len(rows))
+    rows = [rows[index] for index in order]
+    items = (parts.tolist(), starts.tolist(), lengths.tolist())
+    shards, supervised = [], 0
+    for index, first in enumerate(range(0, len(rows), settings.rows_per_shard)):
+        shard_rows = rows[first:first + settings.rows_per_shard]
+        arrays = build_shard(shard_rows, items, documents, settings.seq_len, dtype, pad_id)
+        supervised += int(arrays["supervised"].sum())
+        shards.append(write_shard(out, f"{split}-{index:05d}", arrays))
+    tokens = int(lengths.sum())
+    stats = {"documents": len(ids), "tokens": tokens, "supervised_tokens": supervised, "rows": len(rows),
+             "fill": round(tokens / max(len(rows) * settings.seq_len, 1), 6)}
+    return shards, stats, lengths
+
+
+def merge(sources: list[Source], settings: PrepareConfig, world: int, partial: Path, out: Path,
+          header: dict[str, Any]) -> dict[str, Any]:
+    """Plan, pack and write every split from all parts, then the manifest, then rename the folder into place."""
+    dtype = np.dtype(header["token_dtype"])
+    documents = load_parts(partial / "parts", world, dtype)
+    splits, report = plan_splits(documents, sources, settings)
+    manifest = {**header, "splits": {}}
+    stats: dict[str, Any] = {"splits": {}}
+    all_lengths = []
+    for split, ids in splits.items():
+        manifest["splits"][split], stats["splits"][split], lengths = pack_and_write(
+            documents, split, ids, settings, partial, dtype, header["pad_id"])
+        all_lengths.append(lengths)
+    for key in ("documents", "tokens", "supervised_tokens", "rows"):
+        stats[key] = sum(split_stats[key] for split_stats in stats["splits"].values())
+    stats["fill"] = round(stats["tokens"] / max(stats["rows"] * settings.seq_len, 1), 6)
+    planned = np.concatenate(list(splits.values()))
+    stats |= {key: int(np.sum(documents.status == value)) for key, value in
+              (("dropped", DROPPED), ("truncated", TRUNCATED), ("empty_mask", EMPTY))}
+    stats["split"] = int(np.sum(documents.length[planned] > settings.seq_len))
+    edges = [2**power for power in range(int(np.log2(settings.seq_len)) + 1)] + [settings.seq_len + 1]
+    stats["length_histogram"] = {"edges": edges, "counts": np.histogram(np.concatenate(all_lengths), edges)[0].tolist()}
+    stats["sources"] = report
+    manifest["stats"] = stats
+    shutil.rmtree(partial / "parts")
+    (partial / "merge.lock").unlink()
+    write_atomically(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)  # only reached with --overwrite (checked at the start)
+    os.replace(partial, out)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def finished(marker: Path, fingerprint: str) -> bool:
+    return marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint
+
+
+def log(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, flush=True)
+
+
+def progress_bar(disabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), disable=disabled)
+
+
+def process_slot(settings: PrepareConfig) -> tuple[int, int]:
+    """(rank, world): --shard-index/--num-shards, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    index, count = settings.shard_index, settings.num_shards
+    if index is not None or count is not None:
+        if index is None or count is None or not 0 <= index < count:
+            raise LacunaError("--shard-index I and --num-shards N go together, with 0 <= I < N")
+        return index, count
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_settings(config: Config) -> tuple[PrepareConfig, Path, list[Source]]:
+    settings = config.prepare
+    settings.tokenizer = settings.tokenizer or config.model.name
+    out = Path(settings.out or config.data.path)
+    if not settings.dataset:
+        raise LacunaError("no dataset given: pass --dataset PATH_OR_NAME (or set dataset in [prepare])")
+    if settings.seq_len < 2:
+        raise LacunaError(f"--seq-len {settings.seq_len} is too short: rows need 2 tokens or more, e.g. --seq-len 2048")
+    if not 0 <= settings.val_fraction < 1:
+        raise LacunaError(f"--val-fraction {settings.val_fraction} must be in [0, 1), e.g. 0.01")
+    if settings.num_proc < 1 or settings.rows_per_shard < 1:
+        raise LacunaError("--num-proc and --rows-per-shard must be at least 1")
+    if out.exists() and not settings.overwrite:
+        raise LacunaError(f"output folder '{out}' already exists: pass --overwrite to replace it, or another --out")
+    return settings, out, [parse_source(spec) for spec in settings.dataset]
+
+
+def load_tokenizer(config: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    name = config.prepare.tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+    except Exception as error:  # OSError, ValueError, HTTP errors...: all mean "not available"
+        raise LacunaError(f"cannot load tokenizer '{name}' ({type(error).__name__}): pass --tokenizer with a local "
+                          "folder, or download it while online") from None
+    if tokenizer.eos_token_id is None:
+        raise LacunaError(f"tokenizer '{name}' defines no EOS token: set eos_token in its tokenizer_config.json")
+    return tokenizer
+
+
+def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
+    from lacuna.chat_templates import has_generation_tags, load_template
+
+    if settings.mode == "pretrain":
+        return None
+    template = load_template(settings.chat_template, tokenizer)
+    if not has_generation_tags(template):
+        raise LacunaError(f"chat template {settings.chat_template or '(default)'} has no {{% generation %}} tags, so "
+                          "assistant tokens cannot be masked: use a generation-tagged template such as "
+                          "lacuna/templates/chatml.jinja via --chat-template")
+    return template
+
+
+def summary(manifest: dict[str, Any], out: Path, quiet: bool) -> None:
+    stats = manifest["stats"]
+    keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask")
+    lines = [(key, f"{stats[key]:,}" if isinstance(stats[key], int) else f"{stats[key]:.4f}") for key in keys]
+    lines += [(f"{split} rows", f"{stats['splits'][split]['rows']:,}") for split in SPLITS]
+    if quiet:
+        print(f"wrote {out}: " + ", ".join(f"{key} {value}" for key, value in lines), flush=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{out} ({manifest['mode']}, seq_len {manifest['seq_len']})")
+    table.add_column("stat"), table.add_column("value", justify="right")
+    for key, value in lines:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def prepare(config: Config) -> dict[str, Any] | None:
+    """Run this process's part of a prepare; the last process to finish merges and returns the manifest."""
+    settings, out, sources = check_settings(config)
+    rank, world = process_slot(settings)
+    if settings.streaming and world > 1:
+        raise LacunaError("a streaming prepare runs in one process: drop --streaming or the process split")
+    if settings.num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fork below would disable it anyway, with a warning
+    import datasets
+
+    datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(config)
+    template = chat_template(settings, tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    sources = [load_source(source, settings) for source in sources]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    described = {"name": settings.tokenizer, "vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq_len": settings.seq_len, "token_dtype": dtype.name,
+              "mode": settings.mode, "pad_id": pad_id, "tokenizer": described,
+              "chat_template_hash": hashlib.sha256(template.encode()).hexdigest() if template else None,
+              "config": settings.model_dump(mode="json", exclude=RUN_ONLY)}
+    inputs = [getattr(source.dataset, "_fingerprint", source.spec) for source in sources]
+    fingerprint = hashlib.sha256(json.dumps([header, inputs, world]).encode()).hexdigest()
+    partial = out.with_name(out.name + ".partial")
+    if world == 1:
+        shutil.rmtree(partial, ignore_errors=True)
+    (partial / "parts").mkdir(parents=True, exist_ok=True)
+    encoder = Encoder(settings.mode, tokenizer, template, settings.seq_len, settings.overlong, dtype,
+                      [source.spec for source in sources])
+    markers = [partial / "parts" / f"part-{index:05d}.json" for index in range(world)]
+    try:
+        if not finished(markers[rank], fingerprint):  # a finished part (same inputs) is kept: another may be merging it
+            markers[rank].unlink(missing_ok=True)
+            tokenize_part(sources, encoder, settings, rank, world, partial / "parts", fingerprint)
+        if not all(finished(marker, fingerprint) for marker in markers):
+            log(True, f"part {rank} of {world} done; the last process to finish writes {out}")
+            return None
+        try:
+            os.close(os.open(partial / "merge.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            log(True, f"part {rank} of {world} done; another process is merging (if none is, delete {partial})")
+            return None
+        manifest = merge(sources, settings, world, partial, out, header)
+    except BaseException:
+        if world == 1:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    summary(manifest, out, settings.quiet)
+    return manifest
+
+
+def main(arguments: list[str]) -> None:
+    """`lacuna prepare MODE [config args]` and `python -m lacuna.prepare MODE ...` (also under torchrun)."""
+    if not arguments or arguments[0] not in ("pretrain", "sft"):
+        raise LacunaError("prepare needs pretrain or sft first, e.g. lacuna prepare sft --dataset chat.jsonl --out DIR")
+    config = load_config(arguments[1:], command="prepare")
+    config.prepare.mode = "pretrain" if arguments[0] == "pretrain" else "sft"
+    prepare(config)
+
+
+if __name__ == "__main__":
+    run_main(main, sys.argv[1:])

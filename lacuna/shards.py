@@ -1,0 +1,151 @@
+"""The packed-shard format (`lacuna-packed`, version 1): what `lacuna prepare` writes and training reads.
+
+A prepared folder DIR holds, per split (`train`, `val`) and shard index, six plain `.npy` files that
+`np.load(path, mmap_mode="r")` opens, named `DIR/{split}-{index:05d}.{kind}.npy`:
+
+    tokens       [rows, seq_len]  uint16 when every token id fits (vocab <= 65,536), else uint32
+    loss_mask    [rows, seq_len]  uint8; 1 = this position's token is a supervised target, predicted
+                                  from the previous position (never the first token of a document)
+    cu_seqlens   [total]          int32, flat; a row's slice holds its segment boundaries 0 .. seq_len
+    row_offsets  [rows + 1]       int64 CSR index: row r's boundaries are cu_seqlens[row_offsets[r]:row_offsets[r+1]]
+    supervised   [rows]           int64, loss_mask.sum() of the row
+    max_seqlen   [rows]           int32, the longest segment of the row (padding tail included)
+
+A row is documents laid end to end with no padding between them; a row that cannot be filled ends in a
+padding tail (pad id, else EOS) that is its own segment, so it attends only to itself. Every document
+segment holds at least one supervised position and the padding tail none. Documents longer than seq_len
+(pretrain) are cut into chunks that overlap by one token, so each token is still a target exactly once.
+
+`DIR/manifest.json` is written last, into a temporary folder renamed to DIR, so a folder with a manifest
+is complete. Keys: `format`, `version`, `seq_len`, `token_dtype`, `mode` (pretrain|sft), `tokenizer`
+{name, vocab_size, hash}, `chat_template_hash` (null for pretrain), `config` (the prepare settings that
+shape the output), `stats` {documents, tokens, supervised_tokens, rows, fill, dropped, truncated, split,
+empty_mask, sources, splits, length_histogram} and `splits` {split: [{name, rows, files: {file: sha256}}]}.
+"""
+
+import hashlib
+import json
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lacuna.errors import LacunaError
+
+FORMAT_NAME = "lacuna-packed"
+FORMAT_VERSION = 1
+FILE_KINDS = ("tokens", "loss_mask", "cu_seqlens", "row_offsets", "supervised", "max_seqlen")
+SPLITS = ("train", "val")
+
+
+@dataclass
+class Row:
+    """One packed row; `cu_seqlens` is relative to the row and ends at seq_len."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    cu_seqlens: np.ndarray
+    supervised: int
+    max_seqlen: int
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    if vocab_size <= 2**16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 2**32:
+        return np.dtype(np.uint32)
+    raise LacunaError(f"vocabulary of {vocab_size} tokens does not fit in uint32 token ids: use a smaller tokenizer")
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A content hash of a tokenizer (vocabulary, merges, normalisation, special tokens), not of its path.
+
+    Hashing content rather than files means a re-saved copy of the same tokenizer (an export) still matches.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        description = json.loads(backend.to_str())
+    else:
+        description = {"vocab": sorted(tokenizer.get_vocab().items())}
+    description.pop("truncation", None)  # runtime settings, not part of the tokenizer
+    description.pop("padding", None)
+    description["special"] = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The parsed manifest of a prepared folder, with one-line errors for anything that is not one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LacunaError(f"data folder '{directory}' does not exist: run `lacuna prepare` first or fix --data")
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise LacunaError(f"'{directory}' has no manifest.json (not a prepared folder, or its prepare was "
+                          "interrupted): rerun `lacuna prepare ... --out DIR --overwrite`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+        raise LacunaError(f"'{directory}' holds format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+                          f"not {FORMAT_NAME!r} version {FORMAT_VERSION}: prepare it again with this lacuna")
+    return manifest
+
+
+class ShardSet:
+    """All shards of one split, memory-mapped (never copied into RAM); rows are indexed globally."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], split: str, verify: bool) -> None:
+        self.manifest = manifest
+        self.seq_len: int = manifest["seq_len"]
+        self.shards: list[dict[str, np.ndarray]] = []
+        for shard in manifest["splits"][split]:
+            arrays = {}
+            for name, sha256 in shard["files"].items():
+                path = directory / name
+                if not path.is_file():
+                    raise LacunaError(f"shard file '{path}' is missing: prepare the folder again")
+                if verify and file_sha256(path) != sha256:
+                    raise LacunaError(f"shard file '{path}' fails its sha256 check (corrupt or changed): prepare again")
+                arrays[name.split(".")[-2]] = np.load(path, mmap_mode="r")
+            self.shards.append(arrays)
+        self.row_starts = np.cumsum([0] + [shard["rows"] for shard in manifest["splits"][split]]).tolist()
+        self.num_rows: int = self.row_starts[-1]
+        counts = [np.asarray(arrays["supervised"], dtype=np.int64) for arrays in self.shards]
+        self.supervised_counts: np.ndarray = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+    def row(self, index: int) -> Row:
+        if not 0 <= index < self.num_rows:
+            raise LacunaError(f"row {index} is out of range: this split has {self.num_rows} rows")
+        shard_index = bisect_right(self.row_starts, index) - 1
+        arrays, local = self.shards[shard_index], index - self.row_starts[shard_index]
+        offsets = arrays["row_offsets"]
+        return Row(tokens=arrays["tokens"][local], loss_mask=arrays["loss_mask"][local],
+                   cu_seqlens=arrays["cu_seqlens"][offsets[local]:offsets[local + 1]],
+                   supervised=int(arrays["supervised"][local]), max_seqlen=int(arrays["max_seqlen"][local]))
+
+
+def open_shards(directory: Path, split: str = "train", verify: bool = False) -> ShardSet:
+    """Open one split of a prepared folder (`verify`: recheck every file's sha256 first)."""
+    manifest = read_manifest(Path(directory))
+    if split not in manifest["splits"]:
+        raise LacunaError(f"split {split!r} is not in '{directory}' (it has {', '.join(manifest['splits'])})")
+    return ShardSet(Path(directory), manifest, split, verify)
+
+
+def write_shard(directory: Path, name: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Save one shard's arrays as `{name}.{kind}.npy`; returns its manifest entry (rows, file hashes)."""
+    files = {}
+    for kind in FILE_KINDS:
+        path = directory / f"{name}.{kind}.npy"
+        np.save(path, arrays[kind], allow_pickle=False)
+        files[path.name] = file_sha256(path)
+    return {"name": name, "rows": len(arrays["tokens"]), "files": files}
