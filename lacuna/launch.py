@@ -83,11 +83,11 @@ def failure_exit_code(exitcode: int) -> int:
     return exitcode if exitcode > 0 else 128 - exitcode
 
 
-def run_torchrun(arguments: list[str]) -> int:
+def run_torchrun(arguments: list[str], parallel: ParallelConfig) -> int:
     """torchrun's main in this process; returns the exit code of the first failed rank (0 on success)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import main
 
     try:
@@ -97,11 +97,15 @@ def run_torchrun(arguments: list[str]) -> int:
         code = failure_exit_code(failure.exitcode)
         if code != 2:  # 2 is a LacunaError, already printed by the rank as one line
             how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            print(f"error: rank {rank} on {failure.hostname} failed ({how}); its output is above", file=sys.stderr)
+            print(f"error: rank {rank} failed ({how}); its output is above", file=sys.stderr)
         return code
+    except RendezvousTimeoutError:
+        raise LacunaError(f"not all {parallel.nnodes} nodes joined the rendezvous at {parallel.rdzv_endpoint} "
+                          f"within {parallel.timeout_seconds} s: start the same `lacuna train` command on every node"
+                          ) from None
     except RendezvousError as error:
-        raise LacunaError(f"rendezvous failed ({type(error).__name__}: {error}): check that all nodes run the same "
-                          "command with the same --parallel.rdzv-endpoint and can reach it") from None
+        raise LacunaError(f"rendezvous at {parallel.rdzv_endpoint} failed ({type(error).__name__}: {error}): check "
+                          "that every node can reach it") from None
     except SignalException as error:
         return 128 + int(error.sigval)
     return 0
@@ -114,5 +118,8 @@ def launch(arguments: list[str]) -> None:
     check_parallel(config.parallel, nproc)
     threads = int(os.environ.get("OMP_NUM_THREADS") or omp_threads(nproc, machine_physical_cores()))
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # torchrun's rendezvous store, shared with the ranks by default, keeps the previous attempt's keys after a
+    # restart, so new ranks can read dead peers' addresses (pytorch/pytorch#135712): a fresh store per attempt.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     print(f"lacuna: {config.parallel.nnodes} node(s) x {nproc} process(es), OMP_NUM_THREADS={threads}", file=sys.stderr)
-    raise SystemExit(run_torchrun(torchrun_arguments(config.parallel, nproc, arguments)))
+    raise SystemExit(run_torchrun(torchrun_arguments(config.parallel, nproc, arguments), config.parallel))

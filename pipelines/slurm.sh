@@ -17,7 +17,7 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:?submit with sbatch from the lacuna repository root}"
 export PATH="$PWD/.venv/bin:$PATH"
 
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE
 port=$((20000 + SLURM_JOB_ID % 20000))  # per-job port: two jobs sharing a first node do not collide
 run_dir=$(python -c 'import sys; from lacuna.config import load_config; print(load_config(sys.argv[1:]).run_dir)' "$@")
 mkdir -p "$run_dir/logs"

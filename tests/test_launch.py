@@ -1,6 +1,7 @@
 """The launcher: torchrun command lines, thread counts, physical cores, one-line errors for bad launch settings."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from lacuna import launch as launch_module
 from lacuna.config import load_config
 from lacuna.errors import LacunaError
-from lacuna.launch import launch, omp_threads, physical_cores, processes_per_node, torchrun_arguments
+from lacuna.launch import failure_exit_code, launch, omp_threads, physical_cores, processes_per_node, torchrun_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 def cpuinfo(cpus: list[tuple[int, int, int]], core_ids: bool = True) -> str:
     """/proc/cpuinfo text for (processor, physical id, core id) triples."""
     blocks = []
-    for processor, socket, core in cpus:
+    for processor, package, core in cpus:
         lines = [f"processor\t: {processor}", "model name\t: Test CPU"]
         if core_ids:
-            lines += [f"physical id\t: {socket}", "siblings\t: 4", f"core id\t\t: {core}"]
+            lines += [f"physical id\t: {package}", "siblings\t: 4", f"core id\t\t: {core}"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n\n"
 
@@ -49,6 +50,11 @@ def test_threads_split_physical_cores_between_processes() -> None:
     assert omp_threads(4, 16) == 4
     assert omp_threads(3, 16) == 5
     assert omp_threads(8, 2) == 1
+
+
+def test_a_rank_killed_by_a_signal_exits_like_a_shell_reports_it() -> None:
+    assert failure_exit_code(-9) == 137 and failure_exit_code(-15) == 143
+    assert failure_exit_code(2) == 2
 
 
 def test_single_node_uses_standalone_rendezvous_and_passes_config_arguments_through() -> None:
@@ -106,7 +112,7 @@ def test_cli_reports_a_bad_setting_as_one_line_and_exit_code_2() -> None:
 def test_launch_sets_threads_unless_the_user_did_and_exits_with_torchrun_code(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[list[str], str]] = []
 
-    def fake_torchrun(arguments: list[str]) -> int:  # stands in for torchrun only; the launch logic is real
+    def fake_torchrun(arguments: list[str], parallel: object) -> int:  # stands in for torchrun only
         seen.append((arguments, os.environ["OMP_NUM_THREADS"]))
         return 137
 
@@ -120,3 +126,17 @@ def test_launch_sets_threads_unless_the_user_did_and_exits_with_torchrun_code(mo
     with pytest.raises(SystemExit):
         launch(["--nproc-per-node", "2"])
     assert seen[-1][1] == "1"
+
+
+def test_a_node_that_never_joins_fails_the_rendezvous_with_one_line() -> None:
+    with socket.socket() as probe:  # a free port for the rendezvous store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-c", "from lacuna.cli import main; main()", "train", "--nnodes", "2",
+               "--nproc-per-node", "1", "--parallel.rdzv-endpoint", f"127.0.0.1:{port}",
+               "--parallel.timeout-seconds", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: not all 2 nodes joined the rendezvous at 127.0.0.1:{port} within 2 s: start the same "
+        "`lacuna train` command on every node")
