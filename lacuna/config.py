@@ -60,6 +60,12 @@ class ParallelConfig(Section):
     nnodes: int = 1
     reshard_after_forward: bool = True
     timeout_seconds: int = 600
+    """Collective and rendezvous timeout: a hung or dead rank fails the job after this long instead of hanging."""
+    max_restarts: int = 0
+    """torchrun restarts of the whole worker group after a failure; each restart resumes from the newest checkpoint."""
+    rdzv_endpoint: str | None = None
+    """HOST:PORT of the first node for multi-node c10d rendezvous (default: a free local port, single node)."""
+    rdzv_id: str = "lacuna"
 
 
 class CheckpointConfig(Section):
@@ -140,6 +146,8 @@ ALIASES: dict[str, str] = {
     "nproc-per-node": "parallel.nproc_per_node",
     "nnodes": "parallel.nnodes",
     "wandb": "log.wandb",
+    "max-restarts": "parallel.max_restarts",
+    "rdzv-endpoint": "parallel.rdzv_endpoint",
 }
 
 
