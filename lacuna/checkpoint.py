@@ -146,7 +146,8 @@ def export(checkpoint: Path, out: Path) -> None:
         dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
     model.load_state_dict(state["model"])
     model.to(getattr(torch, config.model.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer") or config.model.name,  # the data's tokenizer
+                                              trust_remote_code=config.model.trust_remote_code)
     if meta.get("mode") == "sft":
         tokenizer.chat_template = load_template(config.prepare.chat_template, tokenizer)
     temporary = out.with_name(out.name + ".tmp")

@@ -5,6 +5,7 @@ import math
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,31 @@ def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@dataclass
+class Interval:
+    """Time and work since the last logged step."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    supervised_tokens: int = 0
+
+    def add(self, seconds: float, data_seconds: float, supervised_tokens: int) -> None:
+        """Account one optimizer step."""
+        self.steps += 1
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+        self.supervised_tokens += supervised_tokens
+
+    def throughput(self, tokens_per_step: int, flops_per_token: float, peak: float, world_size: int) -> dict:
+        """Tokens/s (all and supervised, whole job), MFU, step time and data-wait share over the interval."""
+        tokens_per_second = self.steps * tokens_per_step / self.seconds
+        return {"tokens_per_second": tokens_per_second,
+                "supervised_tokens_per_second": self.supervised_tokens / self.seconds,
+                "mfu": flops_per_token * tokens_per_second / (peak * world_size),
+                "step_seconds": self.seconds / self.steps, "data_wait_share": self.data_seconds / self.seconds}
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -29,7 +29,7 @@ from lacuna import checkpoint
 from lacuna.config import Config, ScheduleConfig, load_config, to_toml
 from lacuna.errors import LacunaError, run_main
 from lacuna.loader import Batch, DataPosition, Loader, eval_batches
-from lacuna.metrics import MetricsLogger, memory_gib, peak_flops, truncate_metrics
+from lacuna.metrics import Interval, MetricsLogger, memory_gib, peak_flops, truncate_metrics
 
 
 def init_distributed(timeout_seconds: int) -> tuple[int, int, torch.device]:
@@ -102,13 +102,14 @@ def train_step(model: torch.nn.Module, batches: list[Batch], supervised_total: i
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm, clipping gradients to `max_norm` when it is positive. Squares are summed in fp64
-    per local shard, then over ranks: an fp32 norm of a large embedding is off by ~1e-4 on CPU, differently for
-    every sharding."""
+    """The global gradient norm, clipping gradients to `max_norm` when it is positive. Squares are summed per local
+    shard, then over ranks; in fp64 on CPU, whose fp32 norm of a large embedding is off by ~1e-4 (differently for
+    every sharding)."""
     parameters = [parameter for parameter in model.parameters() if parameter.grad is not None]
     local = [parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
              for parameter in parameters]
-    squares = torch.stack([torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2 for grad in local]).sum()
+    dtype = torch.float64 if local[0].device.type == "cpu" else torch.float32
+    squares = torch.stack([torch.linalg.vector_norm(grad, dtype=dtype) ** 2 for grad in local]).sum()
     if any(isinstance(parameter.grad, DTensor) for parameter in parameters):  # FSDP2: each rank holds one shard
         dist.all_reduce(squares)
     norm = squares.sqrt().float()
@@ -133,15 +134,16 @@ def evaluate(model: torch.nn.Module, shards: Any, config: Config, device: torch.
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def adapt_grad_accum(config: Config, meta: dict[str, Any], world_size: int) -> None:
-    """On a world-size change, keep the checkpoint's global batch in rows by adjusting grad_accum."""
+def adapt_grad_accum(config: Config, meta: dict[str, Any], world_size: int) -> str:
+    """On a world-size change, keep the checkpoint's global batch in rows by adjusting grad_accum; returns a note."""
     rows, per_step = meta["global_batch_rows"], config.data.batch_size * world_size
     if meta["world_size"] == world_size or rows == per_step * config.data.grad_accum:
-        return
+        return ""
     if rows % per_step:
         raise LacunaError(f"the checkpoint's global batch of {rows} rows does not divide by batch size "
                           f"{config.data.batch_size} × {world_size} ranks: pick a --batch-size that divides it")
     config.data.grad_accum = rows // per_step
+    return f" (world size {meta['world_size']} → {world_size}: grad_accum {config.data.grad_accum} keeps {rows} rows)"
 
 
 def prepare_run_dir(config: Config, step: int) -> None:
@@ -172,21 +174,24 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
     check_data(shards, model.config, config)
     optimizer = build_optimizer(model, config)
     step, position, resume = 0, DataPosition(), checkpoint.resume_path(config.checkpoint.resume, config.run_dir)
+    note = ""
     if resume is not None:
         meta = checkpoint.load(resume, model, optimizer)
         step, position = meta["step"], DataPosition(meta["epoch"], meta["offset"])
-        adapt_grad_accum(config, meta, world_size)
+        note = adapt_grad_accum(config, meta, world_size)
     if rank == 0:
         prepare_run_dir(config, step)
     logger = MetricsLogger(config.run_dir, rank == 0, config.log.wandb, config.log.wandb_project,
                            config.model_dump(mode="json"), config.schedule.steps)
     logger.print(to_toml(config), style="dim", markup=False)
-    logger.print(f"resumed from {resume} at step {step}" if resume else "starting from step 0")
+    logger.print(f"resumed from {resume} at step {step}{note}" if resume else "starting from step 0")
     loader = Loader(shards, config.data.batch_size, config.data.grad_accum, rank, world_size, config.seed, position)
     peak = peak_flops(device, getattr(torch, config.model.dtype), config.log.peak_tflops)
     flops = flops_per_token(model.config, shards.seq_len)
     tokens_per_step = loader.global_batch_rows * shards.seq_len
-    last_checkpoint, interval = resume, {"steps": 0, "seconds": 0.0, "data": 0.0, "supervised": 0}
+    last_checkpoint, interval = resume, Interval()
+    if step >= config.schedule.steps:
+        logger.print(f"nothing to do: the run is already at step {step} of {config.schedule.steps}")
     model.train()
     while step < config.schedule.steps:
         step += 1
@@ -195,7 +200,7 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches, supervised_total = loader.next_step()
-        interval["data"] += time.perf_counter() - started
+        data_seconds = time.perf_counter() - started
         local_sum = train_step(model, batches, supervised_total, device)
         grad_norm = clip_gradients(model, config.optim.grad_clip)
         if not torch.isfinite(grad_norm):
@@ -205,31 +210,23 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        interval["steps"] += 1
-        interval["seconds"] += time.perf_counter() - started
-        interval["supervised"] += supervised_total
-        eval_due = val_shards is not None and (step % config.eval.every == 0 or step == config.schedule.steps)
-        eval_loss = evaluate(model, val_shards, config, device) if eval_due else None
-        if step % config.log.every == 0 or step == config.schedule.steps or eval_loss is not None:
+        interval.add(time.perf_counter() - started, data_seconds, supervised_total)
+        last_step = step == config.schedule.steps
+        eval_loss = None
+        if val_shards is not None and (step % config.eval.every == 0 or last_step):
+            eval_loss = evaluate(model, val_shards, config, device)
+        if step % config.log.every == 0 or last_step or eval_loss is not None:
             dist.all_reduce(local_sum)
-            seconds = interval["seconds"]
-            tokens_per_second = interval["steps"] * tokens_per_step / seconds
             record = {"step": step, "loss": local_sum.item() / max(supervised_total, 1), "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens_per_second": tokens_per_second,
-                      "supervised_tokens_per_second": interval["supervised"] / seconds,
-                      "mfu": flops * tokens_per_second / (peak * world_size),
-                      "step_seconds": seconds / interval["steps"],
-                      "data_wait_share": interval["data"] / seconds, "memory_gib": memory_gib(device),
-                      "epoch": loader.position.epoch}
-            if eval_loss is not None:
-                record["eval_loss"] = eval_loss
-            logger.log(record)
-            interval = {"steps": 0, "seconds": 0.0, "data": 0.0, "supervised": 0}
-        if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.schedule.steps:
+                      "grad_norm": grad_norm.item(), **interval.throughput(tokens_per_step, flops, peak, world_size),
+                      "memory_gib": memory_gib(device), "epoch": loader.position.epoch}
+            logger.log(record | ({"eval_loss": eval_loss} if eval_loss is not None else {}))
+            interval = Interval()
+        if (config.checkpoint.every and step % config.checkpoint.every == 0) or last_step:
             meta = {"epoch": loader.position.epoch, "offset": loader.position.offset, "eval_loss": eval_loss,
                     "global_batch_rows": loader.global_batch_rows, "world_size": world_size,
                     "model_name": config.model.name, "fingerprint": checkpoint.model_fingerprint(model),
-                    "mode": shards.manifest.get("mode")}
+                    "mode": shards.manifest["mode"], "tokenizer": shards.manifest["tokenizer"]["name"]}
             last_checkpoint = checkpoint.save(config.run_dir / "checkpoints", step, model, optimizer, meta,
                                               to_toml(config), config.checkpoint.keep)
     logger.close()

@@ -106,6 +106,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_minimum() -> No
     assert all(later <= earlier for earlier, later in zip(values[9:], values[10:], strict=False))
 
 
+@pytest.mark.slow
 def test_accumulation_splits_give_identical_gradients_and_masked_tokens_count_nothing(runs: dict[str, Path]) -> None:
     config = load_config(["--data", str(runs["data"]), "--model-name", str(runs["model"]), "--model.dtype", "float32",
                           "--model.activation-checkpointing", "false", "--optim.weight-decay", "0.1"])
@@ -153,6 +154,7 @@ def test_accumulation_splits_give_identical_gradients_and_masked_tokens_count_no
         assert len(decayed) + sum(len(group["params"]) for group in groups if group["weight_decay"] == 0) == len(names)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_at_the_same_global_batch(runs: dict[str, Path]) -> None:
     one, two = read_metrics(runs["one"]), read_metrics(runs["two"])
     assert [record["step"] for record in one] == [1, 2, 3, 4]
@@ -165,6 +167,7 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(runs: dict[str, Path]
     assert (runs["one"] / "config.toml").is_file() and (runs["two"] / "export/model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_global_batch(runs: dict[str, Path]) -> None:
     resumed = runs["root"] / "two-to-one"
     shutil.copytree(runs["two"], resumed)
@@ -175,6 +178,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_global_batch(runs: 
     assert json.loads((resumed / "checkpoints/step-00000004/meta.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_global_batch_that_does_not_divide_on_the_new_world_size_is_an_error(runs: dict[str, Path]) -> None:
     resumed = runs["root"] / "indivisible"
     shutil.copytree(runs["two"], resumed)
@@ -194,6 +198,7 @@ def foreign_copy(data: Path, destination: Path, **tokenizer: object) -> Path:
     return destination
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_with_one_clear_line(runs: dict[str, Path], tmp_path: Path) -> None:
     model, data = runs["model"], runs["data"]
 
@@ -218,6 +223,7 @@ def test_bad_inputs_fail_with_one_clear_line(runs: dict[str, Path], tmp_path: Pa
     fails("fails its sha256 check", "--data.verify", "true", data_folder=corrupt)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
     arguments = train_arguments(runs["data"], runs["model"], tmp_path / "run", "--lr", "1e30", "--warmup-steps", "0",
                                 "--checkpoint-every", "1", "--eval-every", "0", "--batch-size", "2",
