@@ -123,7 +123,8 @@ def _chat_corpus(destination: Path) -> str:
             if len(utterances) % 2:  # a final user turn without a reply teaches nothing
                 utterances, trimmed = utterances[:-1], trimmed + 1
             roles = ("user", "assistant")
-            messages = [{"role": roles[index % 2], "content": str(text).strip()} for index, text in enumerate(utterances)]
+            messages = [{"role": roles[index % 2], "content": str(text).strip()}
+                        for index, text in enumerate(utterances)]
             records.append({"messages": messages})
     _write_jsonl(destination, records)
     return f"{len(records)} conversations, dropped {dropped} with < 2 turns, cut {trimmed} trailing user turns"

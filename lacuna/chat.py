@@ -302,10 +302,3 @@ def chat(model: str | None = None, base_url: str | None = None, api_key: str | N
             console.print(f"[red]error:[/] {error} (message not added; history kept)")
             continue
         messages.append({"role": "assistant", "content": reply})
-
-
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """`lacuna serve`: see lacuna/serve.py."""
-    from lacuna.serve import serve as run_server
-
-    run_server(model, host, port)

@@ -99,8 +99,9 @@ def export(
 
 @app.command()
 def chat(
-    model: Annotated[str | None, typer.Option(help="HF export folder or DCP checkpoint (local generation).")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="HF export folder or DCP checkpoint (local generation); with --base-url, the server's model.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint: http://127.0.0.1:8000/v1")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
@@ -116,12 +117,12 @@ def chat(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="HF export folder to serve.")],
+    model: Annotated[str, typer.Option(help="HF export folder or DCP checkpoint to serve.")],
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
 ) -> None:
     """Serve an HF export as an OpenAI-compatible /v1/chat/completions endpoint."""
-    from lacuna.chat import serve as run_serve
+    from lacuna.serve import serve as run_serve
 
     run_serve(model=model, host=host, port=port)
 
