@@ -17,7 +17,7 @@ GPU_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 98
                    "RTX 4090": 165.0, "RTX 3090": 71.0, "MI300X": 1307.0}
 
 
-def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 6) -> float:
+def measure_matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """Best matmul flops of this process on CPU (no spec-sheet peak to look up); best-of filters out noise."""
     left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     best = math.inf

@@ -10,12 +10,12 @@ Run folder:
     RUN_DIR/export/                            HF folder written at the end
 
 A restarted run resumes from the newest complete checkpoint (`--resume latest`, the default) at the exact data
-position; records and checkpoints after that step, left by the interrupted run, are dropped.
+position (also on another world size: grad_accum then keeps the global batch in rows); metrics records after that
+step, left by the interrupted run, are dropped.
 """
 
 import math
 import os
-import shutil
 import sys
 import time
 from datetime import timedelta
@@ -146,14 +146,20 @@ def adapt_grad_accum(config: Config, meta: dict[str, Any], world_size: int) -> s
     return f" (world size {meta['world_size']} → {world_size}: grad_accum {config.data.grad_accum} keeps {rows} rows)"
 
 
+def check_run_dir(config: Config, step: int) -> None:
+    """Refuse to start at `step` in a run folder holding checkpoints from later steps (they would be mixed up)."""
+    later = [path for path in checkpoint.complete_checkpoints(config.run_dir / "checkpoints")
+             if int(path.name.split("-")[1]) > step]
+    if later:
+        raise LacunaError(f"run folder '{config.run_dir}' holds checkpoints after step {step} (newest {later[-1]}): "
+                          "pass a new --run-dir, or --resume latest to continue it")
+
+
 def prepare_run_dir(config: Config, step: int) -> None:
-    """Rank 0: write config.toml, drop records and checkpoints after `step` (an abandoned continuation)."""
+    """Rank 0: write config.toml, drop metrics records after `step` (written after the last checkpoint)."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "config.toml").write_text(to_toml(config))
     truncate_metrics(config.run_dir / "metrics.jsonl", step)
-    for path in checkpoint.complete_checkpoints(config.run_dir / "checkpoints"):
-        if int(path.name.split("-")[1]) > step:
-            shutil.rmtree(path)
 
 
 def train(config: Config, rank: int, world_size: int, device: torch.device) -> None:
@@ -179,6 +185,7 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
         meta = checkpoint.load(resume, model, optimizer)
         step, position = meta["step"], DataPosition(meta["epoch"], meta["offset"])
         note = adapt_grad_accum(config, meta, world_size)
+    check_run_dir(config, step)
     if rank == 0:
         prepare_run_dir(config, step)
     logger = MetricsLogger(config.run_dir, rank == 0, config.log.wandb, config.log.wandb_project,

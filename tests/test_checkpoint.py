@@ -114,3 +114,11 @@ def test_resuming_a_checkpoint_of_another_model_is_an_error(trained: dict[str, P
                                 "{intermediate_size = 256}")
     with pytest.raises(LacunaError, match="from a different model"):
         main(arguments)
+
+
+@pytest.mark.slow
+def test_restarting_from_scratch_over_existing_checkpoints_is_an_error(trained: dict[str, Path]) -> None:
+    arguments = run_arguments(trained["data"], trained["model"], trained["run"]) + ["--resume", "none"]
+    with pytest.raises(LacunaError, match="holds checkpoints after step 0 .*step-00000004"):
+        main(arguments)
+    assert len(complete_checkpoints(trained["run"] / "checkpoints")) == 3
