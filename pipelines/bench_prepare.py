@@ -1,0 +1,256 @@
+"""Issue 3 benchmarks: `lacuna prepare` throughput vs TRL, and packing fill vs TRL bfd and greedy concatenation.
+
+Worker (a fresh process and an empty datasets cache per run, so no side reuses another's cache):
+    python pipelines/bench_prepare.py lacuna|lacuna-2|trl|trl-batched sft|pretrain DATASET SEQ_LEN OUT
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench import ROOT, TOKENIZER, WORK, figure, report, run_worker
+
+SEQ_LEN = 2048
+CORPUS = ROOT / "data" / "corpus"
+# Synthetic SFT-like lengths: lognormal(mu, sigma) tokens, median e^6 = 403, draws over SEQ_LEN redrawn (as lacuna
+# drops overlong conversations by default), mean ~516.
+LOGNORMAL_MU, LOGNORMAL_SIGMA = 6.0, 1.0
+PREPARERS = {"lacuna": "lacuna prepare", "lacuna-2": "lacuna prepare --num-proc 2",
+             "trl": "TRL, per-example map as SFTTrainer", "trl-batched": "TRL, batched map"}
+
+
+# ----------------------------------------------------------------------------- workers (timed after imports)
+
+
+def prepare_with_lacuna(mode: str, dataset: str, seq_len: int, out: str, processes: int) -> dict[str, Any]:
+    from lacuna.prepare import main
+
+    started = time.perf_counter()
+    main([mode, "--dataset", dataset, "--tokenizer", str(TOKENIZER), "--seq-len", str(seq_len), "--out", out,
+          "--num-proc", str(processes), "--overwrite", "--quiet"])
+    seconds = time.perf_counter() - started
+    stats = json.loads((Path(out) / "manifest.json").read_text())["stats"]
+    return {"seconds": seconds, "documents": stats["documents"], "tokens": stats["tokens"], "rows": stats["rows"]}
+
+
+def prepare_with_trl(mode: str, dataset: str, seq_len: int, out: str, batched: bool) -> dict[str, Any]:
+    """TRL's pipeline: `datasets.map` tokenization (per example, as SFTTrainer does, or `batched`), a labels map from
+    the assistant masks (SFTTrainer's next step), `trl.pack_dataset(strategy="bfd")`, `save_to_disk`."""
+    import pyarrow.compute as compute
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import pack_dataset
+
+    from lacuna.chat_templates import load_template
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    template = load_template(None, tokenizer)  # the generation-tagged ChatML template lacuna uses
+
+    def wrap(ids: list[int]) -> list[int]:
+        return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]  # as lacuna prepares pretraining documents
+
+    def tokenize(records: dict[str, Any]) -> dict[str, Any]:
+        if mode == "sft":
+            encoded = tokenizer.apply_chat_template(records["messages"], chat_template=template, tokenize=True,
+                                                    return_dict=True, return_assistant_tokens_mask=True)
+            return {"input_ids": encoded["input_ids"], "assistant_masks": encoded["assistant_masks"]}
+        ids = tokenizer(records["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [wrap(row) for row in ids] if batched else wrap(ids)}
+
+    def label(ids: list[int], mask: list[int]) -> list[int]:
+        return [token if bit else -100 for token, bit in zip(ids, mask, strict=True)]
+
+    def labels(records: dict[str, Any]) -> dict[str, Any]:
+        if not batched:
+            return {"labels": label(records["input_ids"], records["assistant_masks"])}
+        pairs = zip(records["input_ids"], records["assistant_masks"], strict=True)
+        return {"labels": [label(ids, mask) for ids, mask in pairs]}
+
+    records = load_dataset("json", data_files=dataset, split="train")
+    tokenized = records.map(tokenize, batched=batched, remove_columns=records.column_names)
+    if mode == "sft":
+        tokenized = tokenized.map(labels, batched=batched, remove_columns=["assistant_masks"])
+    packed = pack_dataset(tokenized, seq_len, strategy="bfd")
+    packed.save_to_disk(out)
+    seconds = time.perf_counter() - started
+
+    def tokens(dataset: Any) -> int:
+        return compute.sum(compute.list_value_length(dataset.data.column("input_ids"))).as_py()
+
+    return {"seconds": seconds, "documents": len(records), "tokens": tokens(packed), "rows": len(packed),
+            "tokenized_tokens": tokens(tokenized)}
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def make_inputs(quick: bool) -> dict[str, tuple[str, Path, str]]:
+    """Benchmark inputs: the real chat corpus repeated, and the real stdlib corpus (or its first files)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    repeats, files = (2, 200) if quick else (10, None)
+    chat, stdlib = WORK / f"chat-x{repeats}.jsonl", WORK / f"stdlib-{files or 'all'}.jsonl"
+    chat.write_text((CORPUS / "chat.jsonl").read_text() * repeats)
+    stdlib.write_text("".join((CORPUS / "stdlib.jsonl").read_text().splitlines(keepends=True)[:files]))
+    return {"chat": ("sft", chat, f"chat.jsonl ×{repeats} (real conversations, repeated)"),
+            "stdlib": ("pretrain", stdlib, f"stdlib.jsonl, {'first 200' if quick else 'all 731'} files")}
+
+
+def prepare_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
+    """Wall time from the .jsonl to packed rows on disk of lacuna vs TRL, same tokenizer and template."""
+    figures, raw, notes = [], {}, []
+    preparers = ["lacuna", "trl", "trl-batched"] + ([] if quick else ["lacuna-2"])
+    for name, (mode, dataset, description) in make_inputs(quick).items():
+        for preparer in preparers:
+            cache = {"HF_DATASETS_CACHE": str(WORK / f"cache-{name}-{preparer}")}
+            raw[f"{name}/{preparer}"] = run_worker("bench_prepare.py", preparer, mode, str(dataset), str(SEQ_LEN),
+                                                   str(WORK / f"{name}-{preparer}-{SEQ_LEN}"), environment=cache)
+        lacuna, trl = raw[f"{name}/lacuna"], raw[f"{name}/trl"]
+        on = f"{description}: {lacuna['documents']:,} documents, {lacuna['tokens']:,} tokens, seq_len {SEQ_LEN}, {mode}"
+        for mine, theirs in (("lacuna", "trl"), ("lacuna", "trl-batched"), ("lacuna-2", "trl")):
+            if f"{name}/{mine}" in raw:
+                mine_seconds, their_seconds = raw[f"{name}/{mine}"]["seconds"], raw[f"{name}/{theirs}"]["seconds"]
+                ratio, same_processes = their_seconds / mine_seconds, mine != "lacuna-2"
+                figures.append(figure(f"{PREPARERS[mine]} speed-up vs {PREPARERS[theirs]} ({name})", ratio,
+                                      f"{ratio:.2f}× ({mine_seconds:.1f} s vs {their_seconds:.1f} s)",
+                                      "≥ 3×" if same_processes else "", ratio >= 3 if same_processes else None, on))
+        if trl["tokens"] < trl["tokenized_tokens"]:
+            notes.append(f"prepare: TRL bfd truncates documents longer than seq_len: on {name} it kept "
+                         f"{trl['tokens']:,} of {trl['tokenized_tokens']:,} tokens; lacuna splits them and keeps all.")
+    notes.append("prepare: each run is a fresh process with an empty datasets cache, timed after imports: tokenizer "
+                 "load, json reading, tokenization, packing and writing (lacuna: .npy shards + sha256; TRL: "
+                 "`save_to_disk`), one process unless stated.")
+    return {"figures": figures, "raw": raw, "notes": notes}
+
+
+# ----------------------------------------------------------------------------- fill
+
+
+def chat_lengths() -> np.ndarray:
+    """Token lengths of the real chat conversations under the ChatML template (as `lacuna prepare sft` makes them)."""
+    from transformers import AutoTokenizer
+
+    from lacuna.chat_templates import load_template
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    conversations = [json.loads(line)["messages"] for line in (CORPUS / "chat.jsonl").open()]
+    ids = tokenizer.apply_chat_template(conversations, chat_template=load_template(None, tokenizer), tokenize=True,
+                                        return_dict=True)["input_ids"]
+    return np.array([len(row) for row in ids])
+
+
+def stdlib_lengths(seq_len: int) -> np.ndarray:
+    """Packing items of the real stdlib corpus: BOS + file + EOS, cut into seq_len chunks overlapping by one token
+    (as lacuna.prepare.segments cuts pretraining documents)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    texts = [json.loads(line)["text"] for line in (CORPUS / "stdlib.jsonl").open()]
+    lengths = np.array([len(row) + 2 for row in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    chunks = np.where(lengths > seq_len, -(-(lengths - 1) // (seq_len - 1)), 1)
+    offsets = (np.arange(chunks.sum()) - np.repeat(np.cumsum(chunks) - chunks, chunks)) * (seq_len - 1)
+    return np.minimum(seq_len, np.repeat(lengths, chunks) - offsets)
+
+
+def lognormal_lengths(count: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    rng, lengths = np.random.default_rng(seed), np.empty(0, np.int64)
+    while len(lengths) < count:
+        draw = np.ceil(rng.lognormal(LOGNORMAL_MU, LOGNORMAL_SIGMA, count)).astype(np.int64)
+        lengths = np.concatenate([lengths, draw[draw <= seq_len]])
+    return lengths[:count]
+
+
+def greedy_rows(lengths: np.ndarray, seq_len: int) -> int:
+    """Greedy concatenation: documents in order, a new row whenever the next one does not fit (no splitting)."""
+    rows, space = 0, 0
+    for length in lengths.tolist():
+        if length > space:
+            rows, space = rows + 1, seq_len
+        space -= length
+    return rows
+
+
+def trl_rows(lengths: np.ndarray, seq_len: int, batch_size: int | None) -> int:
+    """Rows of `trl.pack_dataset(strategy="bfd")` on placeholder tokens of these lengths; it packs each batch of its
+    `datasets.map` on its own (1000 documents: the datasets default; None: all at once)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(np.zeros(offsets[-1], np.int8)))
+    dataset = Dataset(pa.table({"input_ids": column}))
+    return len(pack_dataset(dataset, seq_len, strategy="bfd", map_kwargs={"batch_size": batch_size}))
+
+
+def row_bound(lengths: np.ndarray, seq_len: int) -> float:
+    """Issue 3's bound on rows: max(1.002 × ⌈Σlen/L⌉, ⌈Σlen/L⌉ + 1)."""
+    minimum = math.ceil(lengths.sum() / seq_len)
+    return max(1.002 * minimum, minimum + 1)
+
+
+def fill_figures(name: str, lengths: np.ndarray, rows: dict[str, int], on: str, fill_target: bool) -> list[dict]:
+    fills = {key: lengths.sum() / (value * SEQ_LEN) for key, value in rows.items()}
+    others = "; ".join(f"{key.replace('_', ' ')} {100 * fill:.3f} %" for key, fill in fills.items() if key != "lacuna")
+    bound, minimum = row_bound(lengths, SEQ_LEN), math.ceil(lengths.sum() / SEQ_LEN)
+    return [figure(f"fill ({name})", fills["lacuna"], f"{100 * fills['lacuna']:.3f} % ({others})",
+                   "≥ 99.5 %" if fill_target else "", fills["lacuna"] >= 0.995 if fill_target else None, on),
+            figure(f"rows ({name})", rows["lacuna"], f"{rows['lacuna']:,} (minimum {minimum:,}, bound {bound:,.1f})",
+                   "≤ bound", rows["lacuna"] <= bound, on)]
+
+
+def fill(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
+    """Fill (tokens / (rows × seq_len)) of lacuna's best-fit decreasing vs TRL bfd and greedy, and its speed."""
+    import datasets
+
+    from lacuna.packing import best_fit_decreasing
+
+    datasets.disable_progress_bars()
+    synthetic = lognormal_lengths(1_000_000, SEQ_LEN)
+    subset = synthetic[: 50_000 if quick else 200_000]
+    sets = {"chat": (chat_lengths(), "real chat.jsonl conversations (ChatML): real SFT, but small and short"),
+            "stdlib": (stdlib_lengths(SEQ_LEN), "real stdlib files as pretraining chunks of ≤ 2048 tokens"),
+            "lognormal": (subset, f"the first {len(subset):,} of the 1M synthetic lengths below")}
+    figures, raw = [], {}
+    for name, (lengths, description) in sets.items():
+        rows = {"lacuna": len(best_fit_decreasing(lengths, SEQ_LEN)), "TRL_bfd": trl_rows(lengths, SEQ_LEN, 1000),
+                "TRL_bfd_one_batch": trl_rows(lengths, SEQ_LEN, None), "greedy": greedy_rows(lengths, SEQ_LEN)}
+        raw[name] = {"items": len(lengths), "tokens": int(lengths.sum()), "rows": rows}
+        on = f"{description}; {len(lengths):,} items, {lengths.sum():,} tokens, seq_len {SEQ_LEN}"
+        figures += fill_figures(name, lengths, rows, on, fill_target=name != "chat")
+    timings = []
+    for _ in range(1 if quick else 3):
+        started = time.perf_counter()
+        rows_1m = len(best_fit_decreasing(synthetic, SEQ_LEN))
+        timings.append(time.perf_counter() - started)
+    raw["lognormal_1m"] = {"seconds": timings, "tokens": int(synthetic.sum()),
+                           "rows": {"lacuna": rows_1m, "greedy": greedy_rows(synthetic, SEQ_LEN)}}
+    on = (f"1,000,000 synthetic lognormal(μ={LOGNORMAL_MU}, σ={LOGNORMAL_SIGMA}) lengths ≤ {SEQ_LEN} "
+          f"({synthetic.sum():,} tokens), seq_len {SEQ_LEN}")
+    figures.append(figure("pack 1M lengths (best_fit_decreasing)", min(timings),
+                          f"{min(timings):.2f} s (best of {len(timings)})", "< 5 s", min(timings) < 5, on))
+    figures += fill_figures("1M lognormal", synthetic, raw["lognormal_1m"]["rows"], on, fill_target=True)
+    notes = ["fill: no large real SFT set is available offline. `chat` is real SFT but only 2,026 short conversations "
+             "(~37 rows, so the one partial last row bounds its fill), `stdlib` is real pretraining text, `lognormal` "
+             f"is synthetic (μ={LOGNORMAL_MU}, σ={LOGNORMAL_SIGMA}: median 403 tokens, draws over {SEQ_LEN} redrawn). "
+             "Greedy = documents in order, a new row when the next does not fit. TRL bfd packs each `datasets.map` "
+             "batch (1000 documents by default) on its own; 'one batch' packs all at once."]
+    return {"figures": figures, "raw": raw, "notes": notes}
+
+
+if __name__ == "__main__":
+    preparer, mode, dataset, seq_len, out = sys.argv[1:]
+    import trl  # noqa: F401  (imports are not timed)
+    from transformers import AutoTokenizer
+
+    import lacuna.prepare  # noqa: F401
+
+    AutoTokenizer.from_pretrained(TOKENIZER)  # finishes transformers' lazy imports (torch among them) for both sides
+    if preparer.startswith("lacuna"):
+        report(prepare_with_lacuna(mode, dataset, int(seq_len), out, processes=2 if preparer == "lacuna-2" else 1))
+    else:
+        report(prepare_with_trl(mode, dataset, int(seq_len), out, batched=preparer == "trl-batched"))
