@@ -524,6 +524,7 @@ def prepare(config: Config) -> dict[str, Any] | None:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
     tokenizer = load_tokenizer(config)
     template = chat_template(settings, tokenizer)
     dtype = token_dtype(len(tokenizer))

@@ -243,7 +243,7 @@ def test_bad_conversations_name_the_record_and_write_nothing(tmp_path: Path, cas
     assert sorted(path.name for path in tmp_path.iterdir()) == ["chat.jsonl"]
 
 
-def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path) -> None:
+def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", chat_records(0)[:3])
     lines = [json.dumps(record) for record in chat_records(0)[:3]]
     malformed = tmp_path / "malformed.jsonl"
@@ -269,6 +269,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path) -> None:
         extra += [] if "--tokenizer" in arguments else ["--tokenizer", str(TOKENIZER)]
         with pytest.raises(LacunaError, match=message):
             main([*arguments, *extra, "--quiet"])
+        assert capfd.readouterr().err == "", arguments  # the LacunaError line is all the user sees
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     with pytest.raises(LacunaError, match="does not fit in uint32"):
         token_dtype(2**32 + 1)
