@@ -17,7 +17,7 @@ def load_template(path: str | Path | None, tokenizer: Any) -> str:
         try:
             return Path(path).read_text(encoding="utf-8")
         except OSError as error:
-            raise LacunaError(f"cannot read chat template {path}: {error.strerror}") from error
+            raise LacunaError(f"cannot read chat template {path} ({error.strerror}): check --chat-template") from None
     vocabulary = tokenizer.get_vocab()
     for marker, name in FAMILY_TEMPLATES.items():
         if marker in vocabulary:

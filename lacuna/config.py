@@ -151,27 +151,26 @@ ALIASES: dict[str, str] = {
 }
 
 
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+SECTIONS = {name for name, field in Config.model_fields.items() if _is_section(field.annotation)}
+
+
 def _field_annotation(path: list[str]) -> Any:
     """The type annotation at a dotted path, or None when the path is inside a free-form dict."""
     model: Any = Config
-    annotation: Any = None
     for part in path:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        if not _is_section(model):
             return None
-        annotation = model.model_fields[part].annotation
-        model = annotation
-    return annotation
+        model = model.model_fields[part].annotation
+    return model
 
 
 def _valid_paths(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    paths = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            paths += _valid_paths(annotation, f"{prefix}{name}.")
-        else:
-            paths.append(prefix + name)
-    return paths
+    return [path for name, field in model.model_fields.items() for path in (
+        _valid_paths(field.annotation, f"{prefix}{name}.") if _is_section(field.annotation) else [prefix + name])]
 
 
 def _unknown_key_error(key: str, where: str) -> LacunaError:
@@ -189,7 +188,7 @@ def _check_keys(data: dict[str, Any], where: str, model: type[BaseModel] = Confi
         if key not in model.model_fields:
             raise _unknown_key_error(prefix + key, where)
         annotation = model.model_fields[key].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if _is_section(annotation):
             if not isinstance(value, dict):
                 raise LacunaError(f"config key '{prefix}{key}' in {where} must be a table, e.g. [{prefix}{key}]")
             _check_keys(value, where, annotation, f"{prefix}{key}.")
@@ -217,19 +216,10 @@ def load_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list
-
-
 def _parse_value(raw: str, annotation: Any) -> Any:
     """Strings stay strings for str/Path fields; everything else is read as a TOML value."""
-    text_types = {str, Path}
-    arguments = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else set()
-    if annotation in text_types or _is_list(annotation) or arguments & text_types:
+    arguments = typing.get_args(annotation) if typing.get_origin(annotation) in (list, types.UnionType) else ()
+    if {annotation, *arguments} & {str, Path}:
         return raw
     try:
         return tomllib.loads(f"value = {raw}")["value"]
@@ -240,15 +230,10 @@ def _parse_value(raw: str, annotation: Any) -> Any:
 def _resolve_key(name: str, command: str) -> list[str]:
     if name in ALIASES:
         return ALIASES[name].split(".")
-    sections = {key for key, field in Config.model_fields.items() if isinstance(field.annotation, type)
-                and issubclass(field.annotation, BaseModel)}
-    if "." in name:
-        parts = name.split(".")
-    else:
-        head, _, tail = name.partition("-")
-        parts = [head, tail] if head in sections and tail else [name]
+    head, _, tail = name.partition("-")
+    parts = name.split(".") if "." in name else [head, tail] if head in SECTIONS and tail else [name]
     parts = [part.replace("-", "_") for part in parts]
-    if command == "prepare" and parts[0] not in sections and parts[0] in PrepareConfig.model_fields:
+    if command == "prepare" and parts[0] not in SECTIONS and parts[0] in PrepareConfig.model_fields:
         parts = ["prepare", *parts]
     return parts
 
@@ -261,14 +246,11 @@ def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[
     while index < len(arguments):
         argument = arguments[index]
         index += 1
-        if argument == "@" or (argument.startswith("@") and len(argument) > 1):
-            if argument == "@":
-                if index >= len(arguments):
-                    raise LacunaError("'@' must be followed by a config file path, e.g. @ configs/sft.toml")
-                argument, index = arguments[index], index + 1
-            else:
-                argument = argument[1:]
-            files.append(Path(argument))
+        if argument.startswith("@"):
+            if argument == "@" and index >= len(arguments):
+                raise LacunaError("'@' must be followed by a config file path, e.g. @ configs/sft.toml")
+            files.append(Path(argument[1:] or arguments[index]))
+            index += argument == "@"
             continue
         if not argument.startswith("--") or argument == "--":
             raise LacunaError(f"unexpected argument '{argument}': use '@ file.toml' or '--key value'")
@@ -280,7 +262,7 @@ def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[
             raise _unknown_key_error(name, "command line") from None
         if not has_value:
             next_is_value = index < len(arguments) and not arguments[index].startswith(("--", "@"))
-            if _is_bool(annotation) and not next_is_value:
+            if annotation is bool and not next_is_value:
                 value = "true"
             elif not next_is_value:
                 raise LacunaError(f"option '--{name}' needs a value, e.g. --{name} VALUE")
@@ -290,7 +272,7 @@ def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[
         target = overrides
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        if _is_list(annotation):
+        if typing.get_origin(annotation) is list:
             target.setdefault(path[-1], []).append(parsed)
         else:
             target[path[-1]] = parsed
@@ -322,15 +304,3 @@ def to_toml(config: Config) -> str:
     import tomli_w
 
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
-
-
-def option_help(model: type[BaseModel] = Config, prefix: str = "") -> str:
-    """One line per config key with its default, for command help texts."""
-    lines = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.append(option_help(annotation, f"{prefix}{name}."))
-        else:
-            lines.append(f"--{prefix}{name} (default: {field.default!r})")
-    return "\n".join(lines)
