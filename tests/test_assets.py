@@ -100,6 +100,8 @@ def test_chat_corpus_alternates(data: Path, tmp_path: Path) -> None:
 def test_materialize_is_idempotent(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(["--data-dir", str(data)])
     assert capsys.readouterr().out.count(": exists") == 4
+    with pytest.raises(LacunaError, match="cannot write '/proc/lacuna/models/.*pass a writable --data-dir"):
+        materialize(Path("/proc/lacuna"))
 
 
 def test_chatml_mask_covers_exactly_assistant_replies(tokenizer) -> None:
