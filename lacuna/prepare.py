@@ -1,13 +1,10 @@
 """`lacuna prepare {pretrain,sft}`: a dataset becomes best-fit packed, memory-mapped shards (format: lacuna/shards.py).
 
 Two phases, so that any number of processes gives byte-identical output:
-1. Tokenize. Process r of W (W = 1, torchrun's WORLD_SIZE, or --num-shards with --shard-index r) tokenizes
-   its contiguous slice of every source (`split_dataset_by_node`) into OUT.partial/parts/part-r.*, with a
-   JSON marker written last. --num-proc worker processes share the slice batch by batch, in order.
-2. Merge. The process that finishes last sees all W markers and wins an exclusive lock file. It orders
-   documents globally (source, then position), holds out a seeded val fraction, applies mixture weights,
-   packs each split with best-fit decreasing, shuffles rows with the seed, writes shards and then the
-   manifest, and renames OUT.partial to OUT. Nothing in this phase depends on W or --num-proc.
+1. Tokenize. Process r of W (torchrun's RANK/WORLD_SIZE, or --shard-index/--num-shards) tokenizes its contiguous
+   slice of every source into OUT.partial/parts/part-r.*, a JSON marker last; --num-proc workers share the slice.
+2. Merge. The last process to finish takes a lock file, orders documents by (source, position), holds out val,
+   applies mixture weights, packs, shuffles rows, writes shards then the manifest, and renames OUT.partial to OUT.
 """
 
 import glob
@@ -18,6 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -44,7 +42,6 @@ class Source:
     files: list[Path] | None  # None: a Hub dataset
     dataset: Any = None
     field: str = ""
-    field_option: str = ""
 
 
 # ----------------------------------------------------------------------------- sources
@@ -124,7 +121,6 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
     except Exception as error:  # datasets raises many types; all mean "cannot read this source"
         raise read_error(source, error) from None
     source.field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
-    source.field_option = "--text-field" if settings.mode == "pretrain" else "--messages-field"
     columns = source.dataset.column_names  # None for some streamed Hub datasets: checked per batch instead
     if columns is not None:
         if source.field == "messages" and "messages" not in columns and "conversations" in columns:
@@ -137,7 +133,7 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
 def check_field(source: Source, columns: list[str]) -> None:
     if source.field not in columns:
         raise LacunaError(f"dataset '{source.spec}' has no field '{source.field}' (fields: {', '.join(columns)}): "
-                          f"pass {source.field_option} NAME")
+                          "pass --text-field NAME (pretrain) or --messages-field NAME (sft)")
 
 
 def record_batches(source: Source, source_index: int, rank: int, world: int) -> Iterator[tuple[int, int, list]]:
@@ -234,34 +230,34 @@ def encode_in_worker(batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
 def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConfig, rank: int, world: int,
                   parts: Path, fingerprint: str) -> None:
     """Tokenize this process's slice of every source into parts/part-{rank}.*; the JSON marker goes last."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     global ENCODER
     ENCODER = encoder
     stem = parts / f"part-{rank:05d}"
     per_document: list[list[np.ndarray]] = [[], []]
     counts = []
     shown = not settings.quiet and int(os.environ.get("LOCAL_RANK", 0)) == 0  # torchrun: one display per node
-    pool = get_context("fork").Pool(settings.num_proc) if settings.num_proc > 1 else None
-    try:
-        with (open(f"{stem}.tokens.bin", "wb") as tokens_file, open(f"{stem}.mask.bin", "wb") as mask_file,
-              progress_bar(not shown) as progress):
-            for index, source in enumerate(sources):
-                total = None if settings.streaming else -(-len(source.dataset) // world)
-                task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
-                start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
-                batches = record_batches(source, index, rank, world)
-                for result in pool.imap(encode_in_worker, batches) if pool else map(encoder, batches):
-                    tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
-                    for column, array in zip(per_document, result[2:], strict=True):
-                        column.append(array)
-                    documents, tokens = documents + len(result[2]), tokens + len(result[0])
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    speed = f"{documents / elapsed:,.0f} docs/s  {tokens / elapsed:,.0f} tokens/s"
-                    progress.update(task, completed=documents, speed=speed)
-                counts.append(documents)
-                log(settings.quiet, f"tokenized {source.spec}: {documents:,} documents, {speed}")
-    finally:
-        if pool:
-            pool.terminate()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+               TimeElapsedColumn())
+    with (get_context("fork").Pool(settings.num_proc) if settings.num_proc > 1 else nullcontext() as pool,
+          open(f"{stem}.tokens.bin", "wb") as tokens_file, open(f"{stem}.mask.bin", "wb") as mask_file,
+          Progress(*columns, disable=not shown) as progress):
+        for index, source in enumerate(sources):
+            total = None if settings.streaming else -(-len(source.dataset) // world)
+            task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
+            start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
+            batches = record_batches(source, index, rank, world)
+            for result in pool.imap(encode_in_worker, batches) if pool else map(encoder, batches):
+                tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
+                per_document[0].append(result[2]), per_document[1].append(result[3])
+                documents, tokens = documents + len(result[2]), tokens + len(result[0])
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                speed = f"{documents / elapsed:,.0f} docs/s  {tokens / elapsed:,.0f} tokens/s"
+                progress.update(task, completed=documents, speed=speed)
+            counts.append(documents)
+            if not settings.quiet:
+                print(f"tokenized {source.spec}: {documents:,} documents, {speed}", flush=True)
     for name, column in zip(("lengths", "status"), per_document, strict=True):
         np.save(f"{stem}.{name}.npy", np.concatenate(column) if column else np.zeros(0, np.int64))
     write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": counts}))
@@ -429,18 +425,6 @@ def finished(marker: Path, fingerprint: str) -> bool:
     return marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint
 
 
-def log(enabled: bool, message: str) -> None:
-    if enabled:
-        print(message, flush=True)
-
-
-def progress_bar(disabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), disable=disabled)
-
-
 def process_slot(settings: PrepareConfig) -> tuple[int, int]:
     """(rank, world): --shard-index/--num-shards, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
     index, count = settings.shard_index, settings.num_shards
@@ -497,20 +481,12 @@ def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
 
 def summary(manifest: dict[str, Any], out: Path, quiet: bool) -> None:
     stats = manifest["stats"]
-    keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask")
-    lines = [(key, f"{stats[key]:,}" if isinstance(stats[key], int) else f"{stats[key]:.4f}") for key in keys]
-    lines += [(f"{split} rows", f"{stats['splits'][split]['rows']:,}") for split in SPLITS]
-    if quiet:
-        print(f"wrote {out}: " + ", ".join(f"{key} {value}" for key, value in lines), flush=True)
-        return
-    from rich.console import Console
-    from rich.table import Table
+    if not quiet:
+        from lacuna.inspection import print_report
 
-    table = Table(title=f"{out} ({manifest['mode']}, seq_len {manifest['seq_len']})")
-    table.add_column("stat"), table.add_column("value", justify="right")
-    for key, value in lines:
-        table.add_row(key, value)
-    Console().print(table)
+        return print_report(manifest, out, None, None, "train", False)
+    keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask")
+    print(f"wrote {out}: " + ", ".join(f"{key} {stats[key]:,}" for key in keys), flush=True)
 
 
 def prepare(config: Config) -> dict[str, Any] | None:
@@ -549,12 +525,13 @@ def prepare(config: Config) -> dict[str, Any] | None:
             markers[rank].unlink(missing_ok=True)
             tokenize_part(sources, encoder, settings, rank, world, partial / "parts", fingerprint)
         if not all(finished(marker, fingerprint) for marker in markers):
-            log(True, f"part {rank} of {world} done; the last process to finish writes {out}")
+            print(f"part {rank} of {world} done; the last process to finish writes {out}", flush=True)
             return None
         try:
             os.close(os.open(partial / "merge.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
-            log(True, f"part {rank} of {world} done; another process is merging (if none is, delete {partial})")
+            print(f"part {rank} of {world} done; another process is merging (if none is, delete {partial})",
+                  flush=True)
             return None
         manifest = merge(sources, settings, world, partial, out, header)
     except BaseException:
