@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lacuna.errors import LacunaError
 
@@ -57,11 +57,11 @@ class ScheduleConfig(Section):
 
 class ParallelConfig(Section):
     nproc_per_node: int | Literal["auto"] = "auto"
-    nnodes: int = 1
+    nnodes: int = Field(1, ge=1)
     reshard_after_forward: bool = True
-    timeout_seconds: int = 600
+    timeout_seconds: int = Field(600, ge=1)
     """Collective and rendezvous timeout: a hung or dead rank fails the job after this long instead of hanging."""
-    max_restarts: int = 0
+    max_restarts: int = Field(0, ge=0)
     """torchrun restarts of the whole worker group after a failure; each restart resumes from the newest checkpoint."""
     rdzv_endpoint: str | None = None
     """HOST:PORT of the first node for multi-node c10d rendezvous (default: a free local port, single node)."""
@@ -101,9 +101,9 @@ class PrepareConfig(Section):
     tokenizer: str | None = None
     """Default: model.name."""
     chat_template: Path | None = None
-    seq_len: int = 2048
-    num_proc: int = 1
-    val_fraction: float = 0.0
+    seq_len: int = Field(2048, ge=2)
+    num_proc: int = Field(1, ge=1)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     overlong: Literal["drop", "truncate"] = "drop"
     out: Path | None = None
@@ -112,7 +112,7 @@ class PrepareConfig(Section):
     streaming: bool = False
     shard_index: int | None = None
     num_shards: int | None = None
-    rows_per_shard: int = 16384
+    rows_per_shard: int = Field(16384, ge=1)
     quiet: bool = False
 
 
@@ -279,13 +279,6 @@ def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[
     return files, overrides
 
 
-def _format_validation_error(error: ValidationError, where: str) -> LacunaError:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
-    value = first.get("input")
-    return LacunaError(f"config key '{key}' {where}: {first['msg']} (got {value!r}); fix its value")
-
-
 def load_config(arguments: list[str], command: str = "train") -> Config:
     """Compose TOML files and overrides into a validated Config (errors are one-line LacunaErrors)."""
     files, overrides = parse_arguments(arguments, command)
@@ -296,7 +289,10 @@ def load_config(arguments: list[str], command: str = "train") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise _format_validation_error(error, "is invalid") from None
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise LacunaError(f"config key '{key}' is invalid: {first['msg']} (got {first.get('input')!r}); fix its value"
+                          ) from None
 
 
 def to_toml(config: Config) -> str:

@@ -46,14 +46,8 @@ def processes_per_node(parallel: ParallelConfig) -> int:
 
 def check_parallel(parallel: ParallelConfig, nproc: int) -> None:
     """One-line errors for launch settings torchrun would reject with a traceback (or accept and then hang)."""
-    if parallel.nnodes < 1:
-        raise LacunaError(f"--nnodes must be at least 1 (got {parallel.nnodes}): pass the number of machines")
     if nproc < 1:
         raise LacunaError(f"--nproc-per-node must be at least 1 or 'auto' (got {nproc}): pass processes per machine")
-    if parallel.max_restarts < 0:
-        raise LacunaError(f"--parallel.max-restarts must be 0 or more (got {parallel.max_restarts})")
-    if parallel.timeout_seconds < 1:
-        raise LacunaError(f"--parallel.timeout-seconds must be at least 1 (got {parallel.timeout_seconds})")
     endpoint = parallel.rdzv_endpoint
     if endpoint is None and parallel.nnodes > 1:
         raise LacunaError(f"--nnodes {parallel.nnodes} needs --parallel.rdzv-endpoint HOST:PORT (the first node, the "

@@ -441,12 +441,6 @@ def check_settings(config: Config) -> tuple[PrepareConfig, Path, list[Source]]:
     out = Path(settings.out or config.data.path)
     if not settings.dataset:
         raise LacunaError("no dataset given: pass --dataset PATH_OR_NAME (or set dataset in [prepare])")
-    if settings.seq_len < 2:
-        raise LacunaError(f"--seq-len {settings.seq_len} is too short: rows need 2 tokens or more, e.g. --seq-len 2048")
-    if not 0 <= settings.val_fraction < 1:
-        raise LacunaError(f"--val-fraction {settings.val_fraction} must be in [0, 1), e.g. 0.01")
-    if settings.num_proc < 1 or settings.rows_per_shard < 1:
-        raise LacunaError("--num-proc and --rows-per-shard must be at least 1")
     if out.exists() and not settings.overwrite:
         raise LacunaError(f"output folder '{out}' already exists: pass --overwrite to replace it, or another --out")
     return settings, out, [parse_source(spec) for spec in settings.dataset]

@@ -87,12 +87,12 @@ def test_auto_process_count_is_one_per_gpu_or_one_on_cpu() -> None:
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--nnodes", "0"], "--nnodes must be at least 1"),
+    (["--nnodes", "0"], "'parallel.nnodes' is invalid: Input should be greater than or equal to 1"),
     (["--nproc-per-node", "0"], "--nproc-per-node must be at least 1"),
     (["--nnodes", "2"], "needs --parallel.rdzv-endpoint HOST:PORT"),
     (["--nnodes", "2", "--parallel.rdzv-endpoint", "node001"], "must be HOST:PORT"),
-    (["--parallel.max-restarts", "-1"], "max-restarts must be 0 or more"),
-    (["--parallel.timeout-seconds", "0"], "timeout-seconds must be at least 1"),
+    (["--parallel.max-restarts", "-1"], "'parallel.max_restarts' is invalid: .* greater than or equal to 0"),
+    (["--parallel.timeout-seconds", "0"], "'parallel.timeout_seconds' is invalid: .* greater than or equal to 1"),
 ])
 def test_bad_launch_settings_fail_before_starting_anything(arguments: list[str], message: str) -> None:
     with pytest.raises(LacunaError, match=message):

@@ -258,7 +258,8 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
         (["sft", "--dataset", str(good), "--chat-template", str(untagged)], "no {% generation %} tags"),
         (["sft", "--dataset", str(good), "--tokenizer", "no-such-org/no-such-tokenizer"], "cannot load tokenizer"),
         (["sft", "--dataset", "no-such-org/no-such-dataset"], "cannot read dataset 'no-such-org/no-such-dataset'"),
-        (["sft", "--dataset", str(good), "--seq-len", "1"], "--seq-len 1 is too short"),
+        (["sft", "--dataset", str(good), "--seq-len", "1"], "'prepare.seq_len' is invalid: .* or equal to 2"),
+        (["sft", "--dataset", str(good), "--val-fraction", "1"], "'prepare.val_fraction' is invalid"),
         (["sft", "--dataset", str(good), "--out", str(tmp_path / "exists")], "already exists: pass --overwrite"),
         (["sft", "--dataset", str(good), "--seq-len", "8", "--overlong", "truncate"], "no documents left"),
         (["sft", "--dataset", f"{good}:0.5", "--dataset", str(good)], "give every --dataset a weight"),
@@ -284,4 +285,5 @@ def test_overwrite_replaces_and_cli_error_is_one_line(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["seq_len"] == 128
     result = subprocess.run([sys.executable, "-m", "lacuna.prepare", "sft", "--dataset", dataset, "--seq-len", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: --seq-len 1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: config key 'prepare.seq_len'")
