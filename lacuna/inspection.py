@@ -5,7 +5,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from lacuna.errors import LacunaError
 from lacuna.shards import SPLITS, Row, open_shards, read_manifest
 
 
@@ -35,17 +34,6 @@ def histogram_lines(histogram: dict[str, list[int]], width: int = 40) -> list[st
     return lines
 
 
-def load_tokenizer(manifest: dict[str, Any]) -> Any:
-    from transformers import AutoTokenizer
-
-    name = manifest["tokenizer"]["name"]
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as error:  # any loading failure means the same thing here
-        raise LacunaError(f"cannot load tokenizer '{name}' to decode rows ({type(error).__name__}): "
-                          "run inspect where that tokenizer is available") from None
-
-
 def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[str, Any]] | None, row: int | None,
                  split: str, verified: bool) -> None:
     from rich.console import Console
@@ -56,9 +44,8 @@ def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[
     stats = manifest["stats"]
     table = Table(title=f"{directory}: {manifest['mode']}, seq_len {manifest['seq_len']}, {manifest['token_dtype']} "
                         f"tokens, tokenizer {manifest['tokenizer']['name']}")
-    table.add_column("split"), table.add_column("rows", justify="right"), table.add_column("documents", justify="right")
-    table.add_column("tokens", justify="right"), table.add_column("supervised", justify="right")
-    table.add_column("fill", justify="right")
+    for column in ("split", "rows", "documents", "tokens", "supervised", "fill"):
+        table.add_column(column, justify="left" if column == "split" else "right")
     for name, values in [*stats["splits"].items(), ("total", stats)]:
         table.add_row(name, *(f"{values[key]:,}" for key in ("rows", "documents", "tokens", "supervised_tokens")),
                       f"{values['fill']:.2%}")
@@ -93,7 +80,9 @@ def inspect(directory: Path, row: int | None = None, split: str = "train", as_js
             open_shards(directory, name, verify=True)
     segments = None
     if row is not None:
-        segments = row_segments(open_shards(directory, split).row(row), load_tokenizer(manifest))
+        from lacuna.prepare import load_tokenizer
+
+        segments = row_segments(open_shards(directory, split).row(row), load_tokenizer(manifest["tokenizer"]["name"]))
     if as_json:
         print(json.dumps({"manifest": manifest, "verified": verify, "split": split, "row": row, "segments": segments}))
     else:

@@ -446,12 +446,12 @@ def check_settings(config: Config) -> tuple[PrepareConfig, Path, list[Source]]:
     return settings, out, [parse_source(spec) for spec in settings.dataset]
 
 
-def load_tokenizer(config: Config) -> Any:
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer at `name` (a folder, or a Hub name while online), with one-line errors."""
     from transformers import AutoTokenizer
 
-    name = config.prepare.tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as error:  # OSError, ValueError, HTTP errors...: all mean "not available"
         raise LacunaError(f"cannot load tokenizer '{name}' ({type(error).__name__}): pass --tokenizer with a local "
                           "folder, or download it while online") from None
@@ -495,7 +495,7 @@ def prepare(config: Config) -> dict[str, Any] | None:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_tokenizer(settings.tokenizer, config.model.trust_remote_code)
     template = chat_template(settings, tokenizer)
     dtype = token_dtype(len(tokenizer))
     sources = [load_source(source, settings) for source in sources]
