@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lacuna.errors import LacunaError, run_main
+from lacuna.shards import write_atomically
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,19 +26,9 @@ def _package_directory(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _temporary(destination: Path) -> Path:
-    # A per-process name keeps concurrent runs (e.g. parallel test sessions) from writing into each other's files.
-    return destination.with_name(f".{destination.name}.tmp{os.getpid()}")
-
-
-def _replace(temporary: Path, destination: Path) -> None:
-    if destination.is_dir():
-        shutil.rmtree(destination)
-    os.replace(temporary, destination)
-
-
 def _build_directory(destination: Path, write: Callable[[Path, Path], str]) -> str:
-    temporary = _temporary(destination)
+    # A per-process name keeps concurrent runs (e.g. parallel test sessions) from writing into each other's files.
+    temporary = destination.with_name(f".{destination.name}.tmp{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
@@ -45,16 +36,14 @@ def _build_directory(destination: Path, write: Callable[[Path, Path], str]) -> s
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    _replace(temporary, destination)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(temporary, destination)
     return summary
 
 
 def _write_jsonl(destination: Path, records: list[dict]) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(destination)
-    with temporary.open("w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    _replace(temporary, destination)
+    write_atomically(destination, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def _write_model(directory: Path, destination: Path) -> str:

@@ -209,9 +209,9 @@ def save_conversation(path: Path, messages: list[Message]) -> None:
     existing = path.read_text(encoding="utf-8") if path.is_file() else ""
     if existing and not existing.endswith("\n"):
         existing += "\n"
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(existing + json.dumps({"messages": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    from lacuna.shards import write_atomically
+
+    write_atomically(path, existing + json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 def _show_reply(console: Any, pieces: Iterator[str]) -> str:

@@ -131,23 +131,12 @@ class Config(Section):
 
 
 ALIASES: dict[str, str] = {
-    "model-name": "model.name",
-    "steps": "schedule.steps",
-    "warmup-steps": "schedule.warmup_steps",
-    "batch-size": "data.batch_size",
-    "grad-accum": "data.grad_accum",
-    "lr": "optim.lr",
-    "run-dir": "run_dir",
-    "checkpoint-every": "checkpoint.every",
-    "log-every": "log.every",
-    "eval-every": "eval.every",
-    "resume": "checkpoint.resume",
-    "data": "data.path",
-    "nproc-per-node": "parallel.nproc_per_node",
-    "nnodes": "parallel.nnodes",
-    "wandb": "log.wandb",
-    "max-restarts": "parallel.max_restarts",
-    "rdzv-endpoint": "parallel.rdzv_endpoint",
+    "model-name": "model.name", "steps": "schedule.steps", "warmup-steps": "schedule.warmup_steps",
+    "batch-size": "data.batch_size", "grad-accum": "data.grad_accum", "lr": "optim.lr", "run-dir": "run_dir",
+    "checkpoint-every": "checkpoint.every", "log-every": "log.every", "eval-every": "eval.every",
+    "resume": "checkpoint.resume", "data": "data.path", "nproc-per-node": "parallel.nproc_per_node",
+    "nnodes": "parallel.nnodes", "wandb": "log.wandb", "max-restarts": "parallel.max_restarts",
+    "rdzv-endpoint": "parallel.rdzv_endpoint"
 }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from lacuna.config import Config, PrepareConfig, load_config
 from lacuna.errors import LacunaError, run_main
 from lacuna.packing import best_fit_decreasing
-from lacuna.shards import FORMAT_NAME, FORMAT_VERSION, SPLITS, token_dtype, tokenizer_hash, write_shard
+from lacuna.shards import FORMAT, SPLITS, token_dtype, tokenizer_hash, write_atomically, write_shard
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
@@ -415,12 +415,6 @@ def merge(sources: list[Source], settings: PrepareConfig, world: int, partial: P
 # ----------------------------------------------------------------------------- orchestration
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def finished(marker: Path, fingerprint: str) -> bool:
     return marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint
 
@@ -501,8 +495,8 @@ def prepare(config: Config) -> dict[str, Any] | None:
     sources = [load_source(source, settings) for source in sources]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     described = {"name": settings.tokenizer, "vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq_len": settings.seq_len, "token_dtype": dtype.name,
-              "mode": settings.mode, "pad_id": pad_id, "tokenizer": described,
+    header = {**FORMAT, "seq_len": settings.seq_len, "token_dtype": dtype.name, "mode": settings.mode, "pad_id": pad_id,
+              "tokenizer": described,
               "chat_template_hash": hashlib.sha256(template.encode()).hexdigest() if template else None,
               "config": settings.model_dump(mode="json", exclude=RUN_ONLY)}
     inputs = [getattr(source.dataset, "_fingerprint", source.spec) for source in sources]

@@ -25,6 +25,7 @@ empty_mask, sources, splits, length_histogram} and `splits` {split: [{name, rows
 
 import hashlib
 import json
+import os
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from lacuna.errors import LacunaError
 
 FORMAT_NAME = "lacuna-packed"
 FORMAT_VERSION = 1
+FORMAT = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
 FILE_KINDS = ("tokens", "loss_mask", "cu_seqlens", "row_offsets", "supervised", "max_seqlen")
 SPLITS = ("train", "val")
 
@@ -74,6 +76,13 @@ def tokenizer_hash(tokenizer: Any) -> str:
     description.pop("padding", None)
     description["special"] = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a per-process temporary file and rename: readers see the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def file_sha256(path: Path) -> str:
