@@ -172,15 +172,17 @@ def _unknown_key_error(key: str, where: str) -> LacunaError:
     return LacunaError(f"unknown config key '{key}' in {where}: {hint}")
 
 
-def _check_keys(data: dict[str, Any], where: str, model: type[BaseModel] = Config, prefix: str = "") -> None:
-    for key, value in data.items():
-        if key not in model.model_fields:
-            raise _unknown_key_error(prefix + key, where)
-        annotation = model.model_fields[key].annotation
-        if _is_section(annotation):
-            if not isinstance(value, dict):
-                raise LacunaError(f"config key '{prefix}{key}' in {where} must be a table, e.g. [{prefix}{key}]")
-            _check_keys(value, where, annotation, f"{prefix}{key}.")
+def _validate(data: dict[str, Any], where: str) -> Config:
+    """A Config from `data`; its first problem becomes one LacunaError naming the key and where it was set."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise _unknown_key_error(key, where) from None
+        raise LacunaError(f"config key '{key}' is invalid: {first['msg']} (got {first.get('input')!r}); fix the value "
+                          f"({where})") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +203,7 @@ def load_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise LacunaError(f"config file '{path}' is not valid TOML ({error}): fix the syntax") from None
-    _check_keys(data, f"'{path}'")
+    _validate(data, f"'{path}'")
     return data
 
 
@@ -274,14 +276,7 @@ def load_config(arguments: list[str], command: str = "train") -> Config:
     data: dict[str, Any] = {}
     for path in files:
         data = _merge(data, load_toml(path))
-    data = _merge(data, overrides)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        raise LacunaError(f"config key '{key}' is invalid: {first['msg']} (got {first.get('input')!r}); fix its value"
-                          ) from None
+    return _validate(_merge(data, overrides), "command line")  # each file was checked on its own
 
 
 def to_toml(config: Config) -> str:

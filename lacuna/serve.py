@@ -11,6 +11,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import BaseModel, Field, ValidationError
+
 from lacuna.chat import LocalModel, ReplyError, load_local
 from lacuna.errors import LacunaError
 
@@ -25,39 +27,36 @@ class RequestError(Exception):
         self.status = status
 
 
-def _number(request: dict[str, Any], key: str, default: float, kind: type, low: float, high: float) -> Any:
-    value = request.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise RequestError(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}")
-    return kind(value)
+class ChatMessage(BaseModel):
+    role: str
+    content: str
 
 
-def parse_request(body: bytes, name: str) -> dict[str, Any]:
-    """Validate a chat.completions request body into generation options."""
+class ChatRequest(BaseModel):
+    """The chat.completions fields this server honours (others are ignored); ranges follow the OpenAI API."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    stream: bool = False
+
+
+def parse_request(body: bytes, name: str) -> ChatRequest:
+    """Validate a chat.completions request body."""
     try:
-        request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError(400, "request body is not JSON") from None
-    if not isinstance(request, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    if request.get("model") not in (None, name):
-        raise RequestError(404, f"model '{request['model']}' not found: this server serves '{name}'")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(message, dict) and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str) for message in messages):
-        raise RequestError(400, "'messages' must be a non-empty list of {\"role\": str, \"content\": str} objects")
-    max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
-    return {
-        "messages": [{"role": message["role"], "content": message["content"]} for message in messages],
-        "temperature": _number(request, "temperature", 1.0, float, 0, 2),
-        "top_p": _number(request, "top_p", 1.0, float, 0, 1),
-        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", DEFAULT_MAX_TOKENS, int, 1, 1 << 20),
-        "seed": _number(request, "seed", None, int, 0, (1 << 63) - 1),
-        "stream": bool(request.get("stream", False)),
-    }
+        request = ChatRequest.model_validate_json(body, strict=True)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "request body"
+        raise RequestError(400, f"'{where}': {first['msg']}") from None
+    if request.model not in (None, name):
+        raise RequestError(404, f"model '{request.model}' not found: this server serves '{name}'")
+    request.max_tokens = request.max_completion_tokens or request.max_tokens
+    return request
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -92,26 +91,26 @@ class ChatHandler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             return self._send_error(404, f"no route {self.path}: use POST /v1/chat/completions")
         try:
-            options = parse_request(self.rfile.read(int(self.headers.get("Content-Length") or 0)), self.name)
+            request = parse_request(self.rfile.read(int(self.headers.get("Content-Length") or 0)), self.name)
         except RequestError as error:
             return self._send_error(error.status, str(error))
         start = time.perf_counter()
         usage: dict[str, Any] = {}
         try:
-            self._complete(options, usage)
+            self._complete(request, usage)
         except (BrokenPipeError, ConnectionResetError):
             usage.setdefault("finish_reason", "client gone")
-        roles = ",".join(message["role"] for message in options["messages"])
-        print(f"{self.client_address[0]} chat.completions messages={roles} temperature={options['temperature']} "
-              f"top_p={options['top_p']} max_tokens={options['max_tokens']} stream={options['stream']} -> "
+        roles = ",".join(message.role for message in request.messages)
+        print(f"{self.client_address[0]} chat.completions messages={roles} temperature={request.temperature} "
+              f"top_p={request.top_p} max_tokens={request.max_tokens} stream={request.stream} -> "
               f"{usage.get('completion_tokens', 0)} tokens ({usage.get('finish_reason')}) "
               f"in {time.perf_counter() - start:.2f}s", file=sys.stderr, flush=True)
 
-    def _complete(self, options: dict[str, Any], usage: dict[str, Any]) -> None:
-        pieces = self.local.stream(options["messages"], options["temperature"], options["top_p"],
-                                   options["max_tokens"], options["seed"], usage)
+    def _complete(self, request: ChatRequest, usage: dict[str, Any]) -> None:
+        pieces = self.local.stream([message.model_dump() for message in request.messages], request.temperature,
+                                   request.top_p, request.max_tokens, request.seed, usage)
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.name}
-        if not options["stream"]:
+        if not request.stream:
             try:
                 text = "".join(pieces)
             except ReplyError as error:
