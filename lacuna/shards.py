@@ -99,7 +99,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LacunaError(f"'{directory}' has no manifest.json (not a prepared folder, or its prepare was "
                           "interrupted): rerun `lacuna prepare ... --out DIR --overwrite`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
         raise LacunaError(f"'{directory}' holds format {manifest.get('format')!r} version {manifest.get('version')!r}, "
                           f"not {FORMAT_NAME!r} version {FORMAT_VERSION}: prepare it again with this lacuna")
