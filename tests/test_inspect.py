@@ -82,6 +82,9 @@ def test_reader_rejects_what_training_must_not_use(prepared: Path, tmp_path: Pat
     (copy / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(LacunaError, match="version 99, not 'lacuna-packed' version 1"):
         open_shards(copy)
+    (copy / "manifest.json").write_text("{truncated")
+    with pytest.raises(LacunaError, match="holds format None"):
+        open_shards(copy)
     (copy / "manifest.json").unlink()  # what an interrupted prepare would leave
     with pytest.raises(LacunaError, match="no manifest.json .*interrupted"):
         inspect(copy, row=None, split="train", as_json=False, verify=False)
