@@ -36,7 +36,7 @@ sft: setup
 chat: setup
 	$(LACUNA) chat --model data/runs/sft/export
 
-# Not part of `make test`: ~15 minutes (`make bench BENCH_ARGS=--quick`: ~4), results in data/bench/results.{json,md}.
+# Not part of `make test`: ~12 min on a 2-core CPU (`make bench BENCH_ARGS=--quick`: ~5); data/bench/results.{json,md}.
 bench: setup
 	$(PYTHON) -c "import trl, accelerate" 2>/dev/null || $(PYTHON) -m pip install -q "trl==1.16.0" accelerate
 	$(PYTHON) pipelines/bench.py $(BENCH_ARGS)
