@@ -25,6 +25,8 @@ empty_mask, sources, splits, length_histogram} and `splits` {split: [{name, rows
 
 import hashlib
 import json
+import math
+import mmap
 import os
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -110,6 +112,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def map_array(path: Path) -> tuple[np.ndarray, tuple[mmap.mmap, int]]:
+    """A read-only memory map of one .npy file, as `np.load(mmap_mode="r")` gives, plus its mmap and data offset."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(file)
+        offset = file.tell()
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    count = math.prod(shape)
+    array = np.frombuffer(mapped, dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
+    return array.reshape(shape, order="F" if fortran_order else "C"), (mapped, offset)
+
+
 class ShardSet:
     """All shards of one split, memory-mapped (never copied into RAM); rows are indexed globally."""
 
@@ -117,20 +132,33 @@ class ShardSet:
         self.manifest = manifest
         self.seq_len: int = manifest["seq_len"]
         self.shards: list[dict[str, np.ndarray]] = []
+        self.mappings: list[dict[str, tuple[mmap.mmap, int]]] = []
         for shard in manifest["splits"][split]:
-            arrays = {}
+            arrays, mappings = {}, {}
             for name, sha256 in shard["files"].items():
                 path = directory / name
                 if not path.is_file():
                     raise LacunaError(f"shard file '{path}' is missing: prepare the folder again")
                 if verify and file_sha256(path) != sha256:
                     raise LacunaError(f"shard file '{path}' fails its sha256 check (corrupt or changed): prepare again")
-                arrays[name.split(".")[-2]] = np.load(path, mmap_mode="r")
+                kind = name.split(".")[-2]
+                arrays[kind], mappings[kind] = map_array(path)
             self.shards.append(arrays)
+            self.mappings.append(mappings)
         self.row_starts = np.cumsum([0] + [shard["rows"] for shard in manifest["splits"][split]]).tolist()
         self.num_rows: int = self.row_starts[-1]
         counts = [np.asarray(arrays["supervised"], dtype=np.int64) for arrays in self.shards]
         self.supervised_counts: np.ndarray = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+    def _read(self, shard_index: int, kind: str, local: int) -> np.ndarray:
+        """Copy one row out, then drop its pages from this process's mapping: they stay in the page cache, but
+        RSS no longer grows with every row ever read (on a 2 GB shard set it would all end up counted)."""
+        array, (mapped, offset) = self.shards[shard_index][kind], self.mappings[shard_index][kind]
+        row = np.array(array[local])
+        start = offset + local * array.strides[0]
+        aligned = start - start % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + array.strides[0] - aligned)
+        return row
 
     def row(self, index: int) -> Row:
         if not 0 <= index < self.num_rows:
@@ -138,7 +166,8 @@ class ShardSet:
         shard_index = bisect_right(self.row_starts, index) - 1
         arrays, local = self.shards[shard_index], index - self.row_starts[shard_index]
         offsets = arrays["row_offsets"]
-        return Row(tokens=arrays["tokens"][local], loss_mask=arrays["loss_mask"][local],
+        return Row(tokens=self._read(shard_index, "tokens", local),
+                   loss_mask=self._read(shard_index, "loss_mask", local),
                    cu_seqlens=arrays["cu_seqlens"][offsets[local]:offsets[local + 1]],
                    supervised=int(arrays["supervised"][local]), max_seqlen=int(arrays["max_seqlen"][local]))
 

@@ -329,8 +329,8 @@ def rss(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
                       f"anonymous {anonymous:+.1f} MB, file-mapped {mapped:+.1f} MB)", "< 50 MB", growth < 50, on)]
     notes = ["rss: file-mapped = pages of the memory-mapped shard files that the loader touched. On this machine "
              "(Linux 6.x, ext4 with large page-cache folios: see FileHugePages in /proc/meminfo) a page fault maps a "
-             "whole folio, far more than the 6 KB row read, and madvise(MADV_RANDOM) does not change that; reading "
-             "rows with os.pread instead of through np.memmap keeps RSS flat."]
+             "whole folio, far more than the 6 KB row read; lacuna's ShardSet therefore drops each row's pages from the "
+             "mapping (madvise MADV_DONTNEED) after copying the row out, so they stay in the page cache but not in RSS."]
     return {"figures": figures, "raw": raw, "notes": notes}
 
 
