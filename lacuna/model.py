@@ -2,6 +2,7 @@
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from lacuna.errors import LacunaError
 from lacuna.loader import Batch
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+LOSS_CHUNK_TOKENS = 1024
+# config fields of models that transform the logits after lm_head: those take the unfused cross-entropy
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def resolve_attention(config: Config) -> str:
@@ -116,8 +120,10 @@ def apply_fsdp(model: nn.Module, config: Config, device: torch.device) -> None:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     compute_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # one rank: resharding would only free the bf16 copies to cast them again in backward
+    reshard = config.parallel.reshard_after_forward and dist.get_world_size() > 1
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=config.parallel.reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the root stays unsharded between forward and backward
     for module in model.modules():
         if isinstance(module, FSDPModule):  # sum over ranks: the trainer divides by the global token count
@@ -137,21 +143,61 @@ def build_model(config: Config, device: torch.device) -> nn.Module:
     return model
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weightᵀ` over token chunks, gradients computed in the same pass: the fp32
+    [tokens, vocabulary] logits never exist whole, and neither a log-softmax backward nor its zero fill runs."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, needs_grad: bool) -> Tensor:
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+            rows = slice(start, start + LOSS_CHUNK_TOKENS)
+            chunk, chunk_targets = hidden[rows], targets[rows, None]
+            log_probabilities = torch.log_softmax((chunk @ weight.T).float(), -1)
+            loss -= log_probabilities.gather(1, chunk_targets).sum()
+            if needs_grad:  # d loss / d logits = softmax − one-hot(target)
+                probabilities = log_probabilities.exp_()
+                probabilities.scatter_add_(1, chunk_targets, probabilities.new_full(chunk_targets.shape, -1.0))
+                grad_logits = probabilities.to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ weight
+                grad_weight += grad_logits.T @ chunk
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if needs_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
 def loss_sum(model: nn.Module, batch: Batch) -> Tensor:
     """fp32 scalar: sum of the token cross-entropies over supervised positions (labels != -100) of one packed batch."""
     supervised = batch.labels != -100
-    output = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
-        logits_to_keep=supervised,  # project only supervised positions onto the vocabulary
-        cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-        max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
-    )
-    logits = output.logits.flatten(0, -2)
     targets = batch.labels[supervised]
-    if logits.shape[0] != targets.shape[0]:  # a model that ignores logits_to_keep returns every position
-        logits = logits[supervised.flatten()]
+    head = model.get_output_embeddings()
+    transformed = any(hasattr(model.config, key) for key in LOGIT_TRANSFORMS)
+    fused = isinstance(head, nn.Linear) and head.bias is None and not transformed
+
+    def supervised_rows(output: Tensor) -> Tensor:  # a model that ignores logits_to_keep returns every position
+        output = output.flatten(0, -2)
+        return output if output.shape[0] == targets.shape[0] else output[supervised.flatten()]
+
+    if fused:  # the head returns the loss, computed inside the model's forward while FSDP holds its weight unsharded
+        head.forward = lambda hidden: ChunkedCrossEntropy.apply(supervised_rows(hidden), head.weight, targets,
+                                                                torch.is_grad_enabled())
+    try:
+        output = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
+            logits_to_keep=supervised,  # project only supervised positions onto the vocabulary
+            cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
+        ).logits
+    finally:
+        head.__dict__.pop("forward", None)
     # an empty selection still yields a graph-connected zero, so FSDP's collectives run on every rank
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return output if fused else F.cross_entropy(supervised_rows(output).float(), targets, reduction="sum")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

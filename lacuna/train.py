@@ -113,7 +113,7 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     if any(isinstance(parameter.grad, DTensor) for parameter in parameters):  # FSDP2: each rank holds one shard
         dist.all_reduce(squares)
     norm = squares.sqrt().float()
-    if max_norm > 0:
+    if max_norm > 0 and norm + 1e-6 > max_norm:  # otherwise the clip coefficient is exactly 1: skip the pass
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm
 

@@ -14,10 +14,12 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
 from lacuna import attention
+from lacuna import model as model_module
 from lacuna.config import Config
 from lacuna.errors import LacunaError
 from lacuna.loader import Batch
 from lacuna.model import (
+    ChunkedCrossEntropy,
     apply_liger,
     build_model,
     count_parameters,
@@ -118,6 +120,24 @@ def test_loss_sum_and_gradients_match_per_document(implementation: str) -> None:
     assert abs(loss.item() - reference.item()) < 1e-4
     for name, parameter in model.named_parameters():
         assert (parameter.grad - expected[name]).abs().max() <= 1e-6, name
+
+
+def test_chunked_cross_entropy_matches_cross_entropy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_TOKENS", 7)  # several chunks and a partial last one
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = (torch.randn(shape, dtype=torch.float64, generator=generator).requires_grad_()
+                      for shape in ((30, 16), (50, 16)))
+    targets = torch.randint(0, 50, (30,), generator=generator)
+    expected_loss = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (expected_loss * 0.5).backward()
+    expected = [hidden.grad.clone(), weight.grad.clone()]
+    hidden.grad = weight.grad = None
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, True)
+    (loss * 0.5).backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected_loss.item()) < 1e-4
+    assert (hidden.grad - expected[0]).abs().max() < 1e-6 and (weight.grad - expected[1]).abs().max() < 1e-6
+    with torch.no_grad():
+        assert ChunkedCrossEntropy.apply(hidden, weight, targets, False).item() == loss.item()
 
 
 def test_varlen_attention_handles_gqa_and_rejects_bad_boundaries() -> None:
@@ -254,11 +274,12 @@ def test_build_model_shards_checkpoints_and_matches_unwrapped(tmp_path: Path, pr
     assert all(not parameter.grad.full_tensor().any() for parameter in model.parameters())
 
     mixed = build_model(Config.model_validate({"model": settings | {"dtype": "bfloat16"}}), torch.device("cpu"))
-    logits_dtypes = []
-    mixed.lm_head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
+    head_dtypes = []  # the head projects bf16 hidden states with the bf16 weight (its fp32 loss is computed there)
+    mixed.lm_head.register_forward_hook(lambda module, inputs, output: head_dtypes.append((inputs[0].dtype,
+                                                                                          module.weight.dtype)))
     mixed_loss = loss_sum(mixed, batch)
     mixed_loss.backward()
-    assert logits_dtypes == [torch.bfloat16] and mixed_loss.dtype == torch.float32
+    assert head_dtypes == [(torch.bfloat16, torch.bfloat16)] and mixed_loss.dtype == torch.float32
     assert abs(mixed_loss.item() - expected_loss.item()) < 2e-2 * expected_loss.item()
     assert all(parameter.dtype == torch.float32 and parameter.grad is not None for parameter in mixed.parameters())
 
