@@ -34,6 +34,7 @@ sft: setup
 	bash pipelines/sft.sh
 
 chat: setup
+	test -d data/runs/sft/export || bash pipelines/sft.sh
 	$(LACUNA) chat --model data/runs/sft/export
 
 # Not part of `make test`: ~12 min on a 2-core CPU (`make bench BENCH_ARGS=--quick`: ~5); data/bench/results.{json,md}.
