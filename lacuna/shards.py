@@ -155,9 +155,10 @@ class ShardSet:
         RSS no longer grows with every row ever read (on a 2 GB shard set it would all end up counted)."""
         array, (mapped, offset) = self.shards[shard_index][kind], self.mappings[shard_index][kind]
         row = np.array(array[local])
-        start = offset + local * array.strides[0]
-        aligned = start - start % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, aligned, start + array.strides[0] - aligned)
+        start, end = offset + local * array.strides[0], offset + (local + 1) * array.strides[0]
+        block = 2**21  # a fault can map a whole large page-cache folio (up to 2 MB), not just the row's pages
+        aligned = start - start % block
+        mapped.madvise(mmap.MADV_DONTNEED, aligned, min(len(mapped), end + (-end) % block) - aligned)
         return row
 
     def row(self, index: int) -> Row:
