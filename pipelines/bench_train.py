@@ -7,7 +7,6 @@ Workers (each a fresh process with 2 threads, run by `bench.run_worker`):
 
 import hashlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -34,16 +33,11 @@ FRAMEWORKS = {"lacuna": "lacuna (packed rows, varlen attention, FSDP2)",
 
 
 def matmul_flops(dtype: Any, size: int, repeats: int) -> float:
-    import torch
+    """Best-of matmul flops after one warm-up matmul (lacuna's own measurement, as the trainer uses for MFU)."""
+    from lacuna.metrics import measure_matmul_flops
 
-    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    left @ right  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        left @ right
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+    measure_matmul_flops(dtype, size, 1)
+    return measure_matmul_flops(dtype, size, repeats)
 
 
 def peak(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
@@ -329,8 +323,8 @@ def rss(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
                       f"anonymous {anonymous:+.1f} MB, file-mapped {mapped:+.1f} MB)", "< 50 MB", growth < 50, on)]
     notes = ["rss: file-mapped = pages of the memory-mapped shard files that the loader touched. On this machine "
              "(Linux 6.x, ext4 with large page-cache folios: see FileHugePages in /proc/meminfo) a page fault maps a "
-             "whole folio, far more than the 6 KB row read; lacuna's ShardSet therefore drops each row's pages from the "
-             "mapping (madvise MADV_DONTNEED) after copying the row out, so they stay in the page cache but not in RSS."]
+             "whole folio, far more than the 6 KB row read; lacuna's ShardSet therefore drops the 2 MB blocks around "
+             "each row from the mapping (madvise DONTNEED) after copying it out: page cache, not RSS."]
     return {"figures": figures, "raw": raw, "notes": notes}
 
 

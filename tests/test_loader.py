@@ -1,21 +1,12 @@
 """Loader: label shifting, document positions, deterministic order across world sizes and resumes."""
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from lacuna.errors import LacunaError
 from lacuna.loader import DataPosition, Loader, collate, epoch_order, eval_batches
-
-
-@dataclass
-class Row:
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    cu_seqlens: np.ndarray
-    supervised: int
-    max_seqlen: int
+from lacuna.shards import Row
 
 
 class Rows:
