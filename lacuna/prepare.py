@@ -437,6 +437,8 @@ def check_settings(config: Config) -> tuple[PrepareConfig, Path, list[Source]]:
         raise LacunaError("no dataset given: pass --dataset PATH_OR_NAME (or set dataset in [prepare])")
     if out.exists() and not settings.overwrite:
         raise LacunaError(f"output folder '{out}' already exists: pass --overwrite to replace it, or another --out")
+    if out.exists() and not out.is_dir():
+        raise LacunaError(f"--out '{out}' is a file, not a folder: pass another --out")
     return settings, out, [parse_source(spec) for spec in settings.dataset]
 
 

@@ -250,6 +250,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
     malformed.write_text("\n".join([lines[0], lines[1], lines[2][:-5], ""]))
     untagged = DATA / "models" / "SmolLM2-config" / "chat_template.jinja"
     (tmp_path / "exists").mkdir()
+    (tmp_path / "a-file").write_text("")
     cases = [
         (["sft", "--dataset", "missing.jsonl"], "dataset 'missing.jsonl' not found"),
         (["pretrain", "--dataset", str(good)], "has no field 'text'.*--text-field"),
@@ -261,6 +262,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
         (["sft", "--dataset", str(good), "--seq-len", "1"], "'prepare.seq_len' is invalid: .* or equal to 2"),
         (["sft", "--dataset", str(good), "--val-fraction", "1"], "'prepare.val_fraction' is invalid"),
         (["sft", "--dataset", str(good), "--out", str(tmp_path / "exists")], "already exists: pass --overwrite"),
+        (["sft", "--dataset", str(good), "--out", str(tmp_path / "a-file"), "--overwrite"], "is a file, not a folder"),
         (["sft", "--dataset", str(good), "--seq-len", "8", "--overlong", "truncate"], "no documents left"),
         (["sft", "--dataset", f"{good}:0.5", "--dataset", str(good)], "give every --dataset a weight"),
         (["pretrain"], "no dataset given"),
