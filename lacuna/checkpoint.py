@@ -129,17 +129,19 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def export(checkpoint: Path, out: Path) -> None:
     """Write `checkpoint` as an HF folder (weights, config, tokenizer, chat template) that plain transformers loads."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lacuna.chat_templates import load_template
     from lacuna.config import load_config
-    from lacuna.model import load_model
+    from lacuna.model import model_configuration
 
     meta = read_meta(checkpoint)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise LacunaError(f"'{out}' exists and is not an HF model folder: pass an empty or new --out folder")
     config = load_config(["@", str(checkpoint / "config.toml")])
-    model = load_model(config)
+    # architecture only: every weight comes from the checkpoint, so reading the original weights would be wasted
+    model = AutoModelForCausalLM.from_config(model_configuration(config), dtype=torch.float32,
+                                             trust_remote_code=config.model.trust_remote_code)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

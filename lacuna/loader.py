@@ -1,4 +1,4 @@
-"""Memory-mapped, deterministic, resumable batches of packed rows (owned by the train-loop engineer).
+"""Memory-mapped, deterministic, resumable batches of packed rows.
 
 Order: every epoch is a seeded permutation of all rows. An optimizer step takes the next global batch of
 `batch_size × grad_accum × world_size` rows from it (a trailing partial global batch is skipped), rank r takes
@@ -67,9 +67,9 @@ def collate(rows: list[Any]) -> Batch:
     seq_len = len(rows[0].tokens)
     boundaries = [row.cu_seqlens[:-1].astype(np.int64) + index * seq_len for index, row in enumerate(rows)]
     cu_seqlens = np.concatenate([*boundaries, [len(rows) * seq_len]])
-    tokens = np.concatenate([np.asarray(row.tokens, dtype=np.int64) for row in rows])
-    labels = np.concatenate([shifted_labels(np.asarray(row.tokens, dtype=np.int64), np.asarray(row.loss_mask))
-                             for row in rows])
+    row_tokens = [np.asarray(row.tokens, dtype=np.int64) for row in rows]
+    tokens = np.concatenate(row_tokens)
+    labels = np.concatenate([shifted_labels(each, np.asarray(row.loss_mask)) for each, row in zip(row_tokens, rows, strict=True)])
     return Batch(
         input_ids=torch.from_numpy(tokens)[None],
         position_ids=torch.from_numpy(position_ids(cu_seqlens))[None],
