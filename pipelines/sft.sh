@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
-# The embedded sft recipe: materialise offline assets, prepare the shards once, then train.
-# Training resumes from the newest checkpoint in its run folder, so running this again is safe.
+# The embedded sft recipe (configs/sft.toml): materialise the offline assets, prepare the shards unless they
+# exist, then train; training resumes from the newest checkpoint in its run folder, so running this again is safe.
 # Extra arguments are config overrides for both stages, e.g. `bash pipelines/sft.sh --steps 20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PWD/.venv/bin:$PATH"
-lacuna assets
-data=$(python -c "from lacuna.config import load_config; print(load_config(['@', 'configs/sft.toml', *'$*'.split()]).data.path)")
-[ -f "$data/manifest.json" ] || lacuna prepare sft @ configs/sft.toml "$@"
-lacuna train @ configs/sft.toml "$@"
+exec .venv/bin/lacuna sft "$@"
