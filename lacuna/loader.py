@@ -69,7 +69,8 @@ def collate(rows: list[Any]) -> Batch:
     cu_seqlens = np.concatenate([*boundaries, [len(rows) * seq_len]])
     row_tokens = [np.asarray(row.tokens, dtype=np.int64) for row in rows]
     tokens = np.concatenate(row_tokens)
-    labels = np.concatenate([shifted_labels(each, np.asarray(row.loss_mask)) for each, row in zip(row_tokens, rows, strict=True)])
+    masks = [np.asarray(row.loss_mask) for row in rows]
+    labels = np.concatenate([shifted_labels(each, mask) for each, mask in zip(row_tokens, masks, strict=True)])
     return Batch(
         input_ids=torch.from_numpy(tokens)[None],
         position_ids=torch.from_numpy(position_ids(cu_seqlens))[None],
