@@ -17,12 +17,14 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lacuna.chat_templates import RenderError, check_template, load_template, render_conversations
 from lacuna.config import Config, PrepareConfig, load_config
 from lacuna.errors import LacunaError, run_main
 from lacuna.packing import best_fit_decreasing
@@ -185,38 +187,79 @@ class Encoder:
             raise LacunaError(f"{where}: conversation has no assistant turn, so nothing to learn: remove it")
         return messages
 
-    def encode(self, records: list, source_index: int, first: int) -> tuple[list, list]:
-        where = f"dataset '{self.specs[source_index]}' record #{{}}"
-        if self.mode == "pretrain":
-            for index, record in enumerate(records):
-                if not isinstance(record, str):
-                    raise LacunaError(f"{where.format(first + index + 1)}: text is {type(record).__name__}, not a "
-                                      "string: fix or remove the record")
-            prefix = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+    def pretrain_documents(self, records: list, where: str, first: int) -> tuple[list[list[int]], np.ndarray]:
+        for index, record in enumerate(records):
+            if not isinstance(record, str):
+                raise LacunaError(f"{where.format(first + index + 1)}: text is {type(record).__name__}, not a "
+                                  "string: fix or remove the record")
+        prefix = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the same encode_batch transformers calls, minus its offsets and Python wrapping
+            ids = [encoding.ids for encoding in backend.encode_batch_fast(records, add_special_tokens=False)]
+        else:
             ids = self.tokenizer(records, add_special_tokens=False, verbose=False)["input_ids"]
-            sequences = [prefix + sequence + [self.tokenizer.eos_token_id] for sequence in ids]
-            return sequences, [[1] * len(sequence) for sequence in sequences]
-        conversations = [self.conversation(record, where.format(first + i + 1)) for i, record in enumerate(records)]
-        encoded = self.tokenizer.apply_chat_template(conversations, chat_template=self.template, tokenize=True,
-                                                     return_dict=True, return_assistant_tokens_mask=True)
-        return encoded["input_ids"], encoded["assistant_masks"]
+        sequences = [prefix + sequence + [self.tokenizer.eos_token_id] for sequence in ids]
+        return sequences, np.ones(sum(len(sequence) for sequence in sequences), np.uint8)
+
+    def sft_documents(self, records: list, where: str, first: int) -> tuple[list[list[int]], np.ndarray]:
+        """Chat-template rendering with assistant spans, one batched tokenization, and the spans mapped to tokens:
+        a token is supervised when it covers a character of an assistant span (transformers' char_to_token rule)."""
+        conversations = [self.conversation(record, where.format(first + index + 1))
+                         for index, record in enumerate(records)]
+        variables = {**self.tokenizer.special_tokens_map, "tools": None, "documents": None,
+                     "add_generation_prompt": False}
+        try:
+            texts, spans = render_conversations(self.template, conversations, variables)
+        except RenderError as error:
+            raise LacunaError(f"{where.format(first + error.index + 1)}: {error}") from None
+        encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        sequences = [encoding.ids for encoding in encodings]
+        lengths = np.array([len(sequence) for sequence in sequences], np.int64)
+        changes = np.zeros(lengths.sum() + 1, np.int32)  # +1 where a supervised run starts, -1 after it ends
+        for offset, encoding, found in zip((np.cumsum(lengths) - lengths).tolist(), encodings, spans, strict=True):
+            for start, end in found:
+                first = covering_token(encoding, range(start, end))
+                if first is not None:
+                    changes[offset + first] += 1
+                    changes[offset + covering_token(encoding, range(end - 1, start - 1, -1)) + 1] -= 1
+        return sequences, (np.cumsum(changes[:-1]) > 0).astype(np.uint8)
 
     def __call__(self, batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
-        sequences, masks = self.encode(batch[2], batch[0], batch[1])
-        tokens, loss_masks, lengths, status = [], [], [], []
-        for sequence, mask in zip(sequences, masks, strict=True):
-            sequence, mask, state = np.asarray(sequence, self.dtype), np.asarray(mask, np.uint8), KEPT
-            if len(sequence) > self.seq_len and self.mode == "sft":
-                state = TRUNCATED if self.overlong == "truncate" else DROPPED
-                sequence, mask = sequence[: self.seq_len], mask[: self.seq_len]
-            mask[:1] = 0  # no target across a document boundary
-            if state != DROPPED and not mask.any():
-                state = EMPTY
-            if state in (DROPPED, EMPTY):
-                sequence, mask = sequence[:0], mask[:0]
-            tokens.append(sequence), loss_masks.append(mask), lengths.append(len(sequence)), status.append(state)
-        return (np.concatenate(tokens), np.concatenate(loss_masks),
-                np.array(lengths, np.int64), np.array(status, np.int8))
+        source_index, first, records = batch
+        where = f"dataset '{self.specs[source_index]}' record #{{}}"
+        documents = self.pretrain_documents if self.mode == "pretrain" else self.sft_documents
+        sequences, masks = documents(records, where, first)
+        lengths = np.array([len(sequence) for sequence in sequences], np.int64)
+        tokens = np.fromiter(chain.from_iterable(sequences), self.dtype, count=int(lengths.sum()))
+        return self.finish(tokens, masks, lengths)
+
+    def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Mask each document's first token, apply --overlong, mark documents without targets; returns the kept
+        tokens and masks (concatenated) with each document's kept length and status."""
+        starts = np.cumsum(lengths) - lengths
+        masks[starts[lengths > 0]] = 0  # no target across a document boundary
+        status, kept = np.full(len(lengths), KEPT, np.int8), lengths.copy()
+        if self.mode == "sft":
+            overlong = lengths > self.seq_len
+            status[overlong] = TRUNCATED if self.overlong == "truncate" else DROPPED
+            kept[overlong] = self.seq_len if self.overlong == "truncate" else 0
+        supervised_before = np.concatenate([[0], np.cumsum(masks, dtype=np.int64)])
+        empty = (kept > 0) & (supervised_before[starts + kept] == supervised_before[starts])
+        status[empty], kept[empty] = EMPTY, 0
+        if (kept == lengths).all():
+            return tokens, masks, kept, status
+        document = np.repeat(np.arange(len(lengths)), lengths)
+        keep = np.arange(len(tokens)) - starts[document] < kept[document]
+        return tokens[keep], masks[keep], kept, status
+
+
+def covering_token(encoding: Any, characters: range) -> int | None:
+    """The first token, in the order of `characters`, that covers one of them (None: none does)."""
+    for character in characters:
+        token = encoding.char_to_token(character)
+        if token is not None:
+            return token
+    return None
 
 
 ENCODER: Encoder | None = None  # set before forking --num-proc workers, which inherit it
@@ -457,15 +500,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
 
 
 def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
-    from lacuna.chat_templates import has_generation_tags, load_template
-
     if settings.mode == "pretrain":
         return None
     template = load_template(settings.chat_template, tokenizer)
-    if not has_generation_tags(template):
-        raise LacunaError(f"chat template {settings.chat_template or '(default)'} has no {{% generation %}} tags, so "
-                          "assistant tokens cannot be masked: use a generation-tagged template such as "
-                          "lacuna/templates/chatml.jinja via --chat-template")
+    check_template(template, settings.chat_template or "(default)")
     return template
 
 

@@ -71,13 +71,14 @@ def tokenizer_hash(tokenizer: Any) -> str:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        description = json.loads(backend.to_str())
+        if backend.truncation is not None or backend.padding is not None:  # runtime settings, not the tokenizer
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation(), backend.no_padding()
+        description = backend.to_str()  # serialised in a fixed order: no need to parse and sort it
     else:
-        description = {"vocab": sorted(tokenizer.get_vocab().items())}
-    description.pop("truncation", None)  # runtime settings, not part of the tokenizer
-    description.pop("padding", None)
-    description["special"] = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+        description = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256(f"{description}{special}".encode()).hexdigest()
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from lacuna.assets import materialize
 from lacuna.errors import LacunaError
-from lacuna.prepare import main
+from lacuna.prepare import Encoder, main
 from lacuna.shards import open_shards, token_dtype, tokenizer_hash
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,6 +116,53 @@ def test_sft_round_trip_is_exact(tmp_path: Path, tokenizer, template: str) -> No
         assert split_stats["rows"] <= -(-split_stats["tokens"] // 256) + 1
     assert manifest["token_dtype"] == "uint16" and open_shards(tmp_path / "out").row(0).tokens.dtype == np.uint16
     assert manifest["tokenizer"]["vocab_size"] == 49152 and manifest["chat_template_hash"]
+
+
+def test_sft_tokens_and_masks_equal_transformers_apply_chat_template(tokenizer, template: str) -> None:
+    """lacuna renders and masks conversations itself (batched, fast); transformers' apply_chat_template with
+    return_assistant_tokens_mask is the reference it must agree with, token for token."""
+    records = [json.loads(line) for line in (DATA / "corpus" / "chat.jsonl").read_text().splitlines()]
+    records += chat_records(0) + [{"messages": [{"role": "user", "content": "Émoji 🚀 — ok?"},
+                                                {"role": "assistant", "content": "日本語 🚀\n\n  indented\tcode"},
+                                                {"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}]
+    records += [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+                for reply in (" Hello", "  Two spaces", "\nNewline", "\t tab")]
+    conversations = [record["messages"] for record in records]
+    encoder = Encoder("sft", tokenizer, template, 4096, "drop", np.dtype(np.uint16), ["chat"])
+    sequences, masks = encoder.sft_documents(conversations, "record #{}", 0)
+    expected = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+    assert sequences == expected["input_ids"]
+    masks = np.split(masks, np.cumsum([len(sequence) for sequence in sequences])[:-1])
+    leading_space = [any(m["content"][:1].isspace() for m in messages) for messages in conversations]
+    assert sum(leading_space) > 0  # transformers stops masking at such a reply (its first character has no token)
+    for mask, reference, skip in zip(masks, expected["assistant_masks"], leading_space, strict=True):
+        assert skip or mask.tolist() == reference
+    for tokens, mask, messages, skip in zip(sequences, masks, conversations, leading_space, strict=True):
+        replies = [m["content"] + END_OF_TURN for m in messages if m["role"] == "assistant"]
+        runs = supervised_runs(tokenizer, np.array(tokens), mask)
+        assert skip or runs == replies
+        assert not skip or all(reply in "".join(runs) for reply in replies)  # whole replies, maybe one more newline
+
+
+def test_template_failures_name_the_record(tmp_path: Path, template: str) -> None:
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% if messages[0].content == 'taboo' %}{{ raise_exception('no taboo') }}{% endif %}" + template)
+    records = chat_records(0)[:2]
+    records.insert(1, {"messages": [{"role": "user", "content": "taboo"}, {"role": "assistant", "content": "b"}]})
+    dataset = write_jsonl(tmp_path / "chat.jsonl", records)
+    with pytest.raises(LacunaError, match=r"record #2: the chat template fails on it \(TemplateError: no taboo"):
+        prepare("sft", tmp_path / "out", "--dataset", str(dataset), "--chat-template", str(strict))
+    unbalanced = tmp_path / "unbalanced.jinja"
+    for tag in ("generation", "endgeneration"):
+        template = template.replace(f"{{%- {tag} -%}}", f"{{%- {tag} -%}}" * 2)  # nested blocks
+    unbalanced.write_text(template)
+    with pytest.raises(LacunaError, match="generation %} blocks are nested or unbalanced"):
+        prepare("sft", tmp_path / "out", "--dataset", str(dataset), "--chat-template", str(unbalanced))
+    unbalanced.write_text(template.replace("{%- endgeneration -%}", "", 1))
+    with pytest.raises(LacunaError, match=r"chat template .*unbalanced.jinja does not compile \(line 8: Encountered"):
+        prepare("sft", tmp_path / "out", "--dataset", str(dataset), "--chat-template", str(unbalanced))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chat.jsonl", "strict.jinja", "unbalanced.jinja"]
 
 
 def test_pretrain_round_trip_splits_overlong_documents(tmp_path: Path, tokenizer) -> None:
@@ -230,6 +277,8 @@ BAD_CHAT = {
     "unknown role": ([{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
     "no assistant": ([{"role": "user", "content": "hi"}], "conversation has no assistant turn"),
     "no content": ([{"role": "user", "content": None}, {"role": "assistant", "content": "x"}], "a user message"),
+    "noncharacter": ([{"role": "user", "content": "a\ufdd0b"}, {"role": "assistant", "content": "x"}],
+                     "a message contains U\\+FDD0"),
 }
 
 
