@@ -138,14 +138,19 @@ def check_field(source: Source, columns: list[str]) -> None:
                           "pass --text-field NAME (pretrain) or --messages-field NAME (sft)")
 
 
-def record_batches(source: Source, source_index: int, rank: int, world: int) -> Iterator[tuple[int, int, list]]:
-    """(source index, number of the batch's first record, records) for this process's contiguous slice."""
+def record_batches(source: Source, source_index: int, rank: int, world: int, workers: int
+                   ) -> Iterator[tuple[int, int, list]]:
+    """(source index, number of the batch's first record, records) for this process's contiguous slice, in batches
+    small enough to give each of the `workers` several (a few long documents must not all land on one)."""
     from datasets.distributed import split_dataset_by_node
 
     dataset = split_dataset_by_node(source.dataset, rank=rank, world_size=world)
     first = 0 if world == 1 else rank * (len(source.dataset) // world) + min(rank, len(source.dataset) % world)
+    size = BATCH_SIZE
+    if workers > 1 and hasattr(dataset, "__len__"):  # a streamed dataset has no length
+        size = max(1, min(BATCH_SIZE, len(dataset) // (4 * workers)))
     try:
-        for batch in dataset.iter(batch_size=BATCH_SIZE):
+        for batch in dataset.iter(batch_size=size):
             check_field(source, list(batch))
             yield source_index, first, batch[source.field]
             first += len(batch[source.field])
@@ -290,7 +295,7 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             total = None if settings.streaming else -(-len(source.dataset) // world)
             task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
             start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
-            batches = record_batches(source, index, rank, world)
+            batches = record_batches(source, index, rank, world, settings.num_proc)
             for result in pool.imap(encode_in_worker, batches) if pool else map(encoder, batches):
                 tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
                 per_document[0].append(result[2]), per_document[1].append(result[3])
@@ -380,27 +385,30 @@ def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> tuple[np.nd
     return documents.part[owner], documents.start[owner] + offset, np.minimum(seq_len, documents.length[owner] - offset)
 
 
-def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents: Documents, seq_len: int,
+def build_shard(rows: list[list[int]], items: tuple[np.ndarray, ...], documents: Documents, seq_len: int,
                 dtype: np.dtype, pad_id: int) -> dict[str, np.ndarray]:
-    tokens = np.full((len(rows), seq_len), pad_id, dtype)
-    loss_mask = np.zeros((len(rows), seq_len), np.uint8)
-    boundaries, row_offsets, max_seqlen = [], [0], []
-    parts, starts, lengths = items
-    for index, row in enumerate(rows):
-        bounds = [0]
-        for item in row:
-            part, start, length, position = parts[item], starts[item], lengths[item], bounds[-1]
-            tokens[index, position:position + length] = documents.tokens[part][start:start + length]
-            loss_mask[index, position + 1:position + length] = documents.masks[part][start + 1:start + length]
-            bounds.append(position + length)
-        if bounds[-1] < seq_len:
-            bounds.append(seq_len)  # the padding tail: its own segment
-        boundaries += bounds
-        row_offsets.append(len(boundaries))
-        max_seqlen.append(max(np.diff(bounds)))
-    return {"tokens": tokens, "loss_mask": loss_mask, "cu_seqlens": np.array(boundaries, np.int32),
-            "row_offsets": np.array(row_offsets, np.int64), "supervised": loss_mask.sum(axis=1, dtype=np.int64),
-            "max_seqlen": np.array(max_seqlen, np.int32)}
+    placed = np.concatenate(rows)  # packing items, row by row, in placement order
+    counts = np.array([len(row) for row in rows])
+    parts, starts, lengths = (values[placed] for values in items)
+    before = np.cumsum(lengths) - lengths
+    position = before - np.repeat(before[np.cumsum(counts) - counts], counts)  # where each item starts in its row
+    item = np.repeat(np.arange(len(placed)), lengths)  # per token: its item, and its offset in the item
+    within = np.arange(len(item)) - before[item]
+    destination = (np.repeat(np.arange(len(rows)), counts) * seq_len + position)[item] + within
+    tokens = np.full(len(rows) * seq_len, pad_id, dtype)
+    loss_mask = np.zeros(len(rows) * seq_len, np.uint8)
+    for part in np.unique(parts):
+        chosen = parts[item] == part
+        source = starts[item[chosen]] + within[chosen]
+        tokens[destination[chosen]] = documents.tokens[part][source]
+        loss_mask[destination[chosen]] = documents.masks[part][source] * (within[chosen] > 0)
+    ends = np.split(position + lengths, np.cumsum(counts)[:-1])
+    bounds = [[0, *row_ends.tolist()] + ([seq_len] if row_ends[-1] < seq_len else []) for row_ends in ends]
+    return {"tokens": tokens.reshape(len(rows), seq_len), "loss_mask": loss_mask.reshape(len(rows), seq_len),
+            "cu_seqlens": np.array([bound for row in bounds for bound in row], np.int32),
+            "row_offsets": np.cumsum([0] + [len(row) for row in bounds], dtype=np.int64),
+            "supervised": loss_mask.reshape(len(rows), seq_len).sum(axis=1, dtype=np.int64),
+            "max_seqlen": np.array([max(np.diff(row)) for row in bounds], np.int32)}
 
 
 def pack_and_write(documents: Documents, split: str, ids: np.ndarray, settings: PrepareConfig, out: Path,
@@ -409,11 +417,10 @@ def pack_and_write(documents: Documents, split: str, ids: np.ndarray, settings: 
     rows = best_fit_decreasing(lengths, settings.seq_len) if len(lengths) else []
     order = np.random.default_rng([settings.seed, 2 + SPLITS.index(split)]).permutation(len(rows))
     rows = [rows[index] for index in order]
-    items = (parts.tolist(), starts.tolist(), lengths.tolist())
     shards, supervised = [], 0
     for index, first in enumerate(range(0, len(rows), settings.rows_per_shard)):
         shard_rows = rows[first:first + settings.rows_per_shard]
-        arrays = build_shard(shard_rows, items, documents, settings.seq_len, dtype, pad_id)
+        arrays = build_shard(shard_rows, (parts, starts, lengths), documents, settings.seq_len, dtype, pad_id)
         supervised += int(arrays["supervised"].sum())
         shards.append(write_shard(out, f"{split}-{index:05d}", arrays))
     tokens = int(lengths.sum())

@@ -244,7 +244,8 @@ def fill(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     preparer, mode, dataset, seq_len, out = sys.argv[1:]
-    import trl  # noqa: F401  (imports are not timed)
+    import datasets  # noqa: F401  (imports are not timed)
+    import trl  # noqa: F401
     from transformers import AutoTokenizer
 
     import lacuna.prepare  # noqa: F401
