@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -275,6 +276,17 @@ def encode_in_worker(batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
     return ENCODER(batch)
 
 
+def in_order(pool: Any, batches: Iterator, window: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """The encoded batches, in order, with at most `window` in flight (`Pool.imap` would queue the whole dataset)."""
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(encode_in_worker, (batch,)))
+        if len(pending) == window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConfig, rank: int, world: int,
                   parts: Path, fingerprint: str) -> None:
     """Tokenize this process's slice of every source into parts/part-{rank}.*; the JSON marker goes last."""
@@ -296,7 +308,7 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
             start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
             batches = record_batches(source, index, rank, world, settings.num_proc)
-            for result in pool.imap(encode_in_worker, batches) if pool else map(encoder, batches):
+            for result in in_order(pool, batches, 2 * settings.num_proc) if pool else map(encoder, batches):
                 tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
                 per_document[0].append(result[2]), per_document[1].append(result[3])
                 documents, tokens = documents + len(result[2]), tokens + len(result[0])
