@@ -118,9 +118,17 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
                                           streaming=settings.streaming)
         else:
             builder = LOCAL_BUILDERS[source.files[0].suffix]
+            files = [str(file) for file in source.files]
             options = {"sample_by": "document"} if builder == "text" else {}
-            source.dataset = load_dataset(builder, data_files=[str(file) for file in source.files], split="train",
-                                          streaming=settings.streaming, **options)
+            try:  # pyarrow's JSON reader alone is several times faster than datasets' per-line pre-scan for mixed
+                # types, which is only needed when records disagree on a field's type (then it stores JSON text)
+                options |= {"on_mixed_types": None} if builder == "json" else {}
+                source.dataset = load_dataset(builder, data_files=files, split="train", streaming=settings.streaming,
+                                              **options)
+            except Exception:
+                options.pop("on_mixed_types", None)
+                source.dataset = load_dataset(builder, data_files=files, split="train", streaming=settings.streaming,
+                                              **options)
     except Exception as error:  # datasets raises many types; all mean "cannot read this source"
         raise read_error(source, error) from None
     source.field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
@@ -340,7 +348,8 @@ class Documents:
 
 
 def map_file(path: str, dtype: type | np.dtype) -> np.ndarray:
-    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+    """The file memory-mapped as a plain ndarray (np.memmap's subclass overhead is paid on every slice)."""
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r")) if os.path.getsize(path) else np.zeros(0, dtype)
 
 
 def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
@@ -397,30 +406,27 @@ def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> tuple[np.nd
     return documents.part[owner], documents.start[owner] + offset, np.minimum(seq_len, documents.length[owner] - offset)
 
 
-def build_shard(rows: list[list[int]], items: tuple[np.ndarray, ...], documents: Documents, seq_len: int,
+def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents: Documents, seq_len: int,
                 dtype: np.dtype, pad_id: int) -> dict[str, np.ndarray]:
-    placed = np.concatenate(rows)  # packing items, row by row, in placement order
-    counts = np.array([len(row) for row in rows])
-    parts, starts, lengths = (values[placed] for values in items)
-    before = np.cumsum(lengths) - lengths
-    position = before - np.repeat(before[np.cumsum(counts) - counts], counts)  # where each item starts in its row
-    item = np.repeat(np.arange(len(placed)), lengths)  # per token: its item, and its offset in the item
-    within = np.arange(len(item)) - before[item]
-    destination = (np.repeat(np.arange(len(rows)), counts) * seq_len + position)[item] + within
-    tokens = np.full(len(rows) * seq_len, pad_id, dtype)
-    loss_mask = np.zeros(len(rows) * seq_len, np.uint8)
-    for part in np.unique(parts):
-        chosen = parts[item] == part
-        source = starts[item[chosen]] + within[chosen]
-        tokens[destination[chosen]] = documents.tokens[part][source]
-        loss_mask[destination[chosen]] = documents.masks[part][source] * (within[chosen] > 0)
-    ends = np.split(position + lengths, np.cumsum(counts)[:-1])
-    bounds = [[0, *row_ends.tolist()] + ([seq_len] if row_ends[-1] < seq_len else []) for row_ends in ends]
-    return {"tokens": tokens.reshape(len(rows), seq_len), "loss_mask": loss_mask.reshape(len(rows), seq_len),
-            "cu_seqlens": np.array([bound for row in bounds for bound in row], np.int32),
-            "row_offsets": np.cumsum([0] + [len(row) for row in bounds], dtype=np.int64),
-            "supervised": loss_mask.reshape(len(rows), seq_len).sum(axis=1, dtype=np.int64),
-            "max_seqlen": np.array([max(np.diff(row)) for row in bounds], np.int32)}
+    tokens = np.full((len(rows), seq_len), pad_id, dtype)
+    loss_mask = np.zeros((len(rows), seq_len), np.uint8)
+    boundaries, row_offsets, max_seqlen = [], [0], []
+    parts, starts, lengths = items
+    for index, row in enumerate(rows):
+        bounds = [0]
+        for item in row:
+            part, start, length, position = parts[item], starts[item], lengths[item], bounds[-1]
+            tokens[index, position:position + length] = documents.tokens[part][start:start + length]
+            loss_mask[index, position + 1:position + length] = documents.masks[part][start + 1:start + length]
+            bounds.append(position + length)
+        if bounds[-1] < seq_len:
+            bounds.append(seq_len)  # the padding tail: its own segment
+        boundaries += bounds
+        row_offsets.append(len(boundaries))
+        max_seqlen.append(max(np.diff(bounds)))
+    return {"tokens": tokens, "loss_mask": loss_mask, "cu_seqlens": np.array(boundaries, np.int32),
+            "row_offsets": np.array(row_offsets, np.int64), "supervised": loss_mask.sum(axis=1, dtype=np.int64),
+            "max_seqlen": np.array(max_seqlen, np.int32)}
 
 
 def pack_and_write(documents: Documents, split: str, ids: np.ndarray, settings: PrepareConfig, out: Path,
@@ -429,10 +435,11 @@ def pack_and_write(documents: Documents, split: str, ids: np.ndarray, settings: 
     rows = best_fit_decreasing(lengths, settings.seq_len) if len(lengths) else []
     order = np.random.default_rng([settings.seed, 2 + SPLITS.index(split)]).permutation(len(rows))
     rows = [rows[index] for index in order]
+    items = (parts.tolist(), starts.tolist(), lengths.tolist())
     shards, supervised = [], 0
     for index, first in enumerate(range(0, len(rows), settings.rows_per_shard)):
         shard_rows = rows[first:first + settings.rows_per_shard]
-        arrays = build_shard(shard_rows, (parts, starts, lengths), documents, settings.seq_len, dtype, pad_id)
+        arrays = build_shard(shard_rows, items, documents, settings.seq_len, dtype, pad_id)
         supervised += int(arrays["supervised"].sum())
         shards.append(write_shard(out, f"{split}-{index:05d}", arrays))
     tokens = int(lengths.sum())

@@ -199,6 +199,12 @@ def test_sharegpt_matches_openai_messages(tmp_path: Path) -> None:
         if name != "manifest.json":
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert first["stats"]["supervised_tokens"] == second["stats"]["supervised_tokens"]
+    # records that disagree on a field's type: pyarrow's reader fails, datasets' mixed-type reading takes over
+    mixed = [{**record, "meta": {"id": 1} if index % 2 else "plain"} for index, record in enumerate(openai)]
+    prepare("sft", tmp_path / "c", "--dataset", str(write_jsonl(tmp_path / "c.jsonl", mixed)))
+    for name in files(tmp_path / "a"):
+        if name != "manifest.json":
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
 
 
 def test_parquet_and_text_folders(tmp_path: Path) -> None:
