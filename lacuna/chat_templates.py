@@ -116,7 +116,7 @@ def render_conversations(source: str, conversations: list[list[dict[str, str]]],
         length = len(pieces[0])
         for piece in pieces[1:]:
             inside, mark, after = piece.partition(SPAN_END)
-            if not mark or SPAN_END in after or SPAN_END in pieces[0]:
+            if not mark or SPAN_END in after:  # blocks always come in pairs, so only nesting breaks this
                 raise LacunaError("the chat template's {% generation %} blocks are nested or unbalanced: fix the "
                                   "template so each assistant reply is wrapped in exactly one block")
             found.append((length, length + len(inside)))

@@ -232,9 +232,9 @@ class Encoder:
         changes = np.zeros(lengths.sum() + 1, np.int32)  # +1 where a supervised run starts, -1 after it ends
         for offset, encoding, found in zip((np.cumsum(lengths) - lengths).tolist(), encodings, spans, strict=True):
             for start, end in found:
-                first = covering_token(encoding, range(start, end))
-                if first is not None:
-                    changes[offset + first] += 1
+                first_token = covering_token(encoding, range(start, end))
+                if first_token is not None:
+                    changes[offset + first_token] += 1
                     changes[offset + covering_token(encoding, range(end - 1, start - 1, -1)) + 1] -= 1
         return sequences, (np.cumsum(changes[:-1]) > 0).astype(np.uint8)
 
@@ -528,6 +528,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
 def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
     if settings.mode == "pretrain":
         return None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which SFT "
+                          "masks need: pass a --tokenizer folder that has a tokenizer.json")
     template = load_template(settings.chat_template, tokenizer)
     check_template(template, settings.chat_template or "(default)")
     return template

@@ -241,7 +241,10 @@ def fill(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
     datasets.disable_progress_bars()
     synthetic = lognormal_lengths(1_000_000, SEQ_LEN)
     subset = synthetic[: 50_000 if quick else 200_000]
-    sets = {"chat": (chat_lengths(), "real chat.jsonl conversations (ChatML): real SFT, but small and short"),
+    chat = chat_lengths()
+    sets = {"chat": (chat, "real chat.jsonl conversations (ChatML): real SFT, but small and short"),
+            "chat ×10": (np.tile(chat, 10), "the real chat lengths ×10 (the throughput input): real SFT lengths, "
+                                            "repeated to 20,260 documents"),
             "stdlib": (stdlib_lengths(SEQ_LEN), "real stdlib files as pretraining chunks of ≤ 2048 tokens"),
             "lognormal": (subset, f"the first {len(subset):,} of the 1M synthetic lengths below")}
     figures, raw = [], {}
