@@ -1,5 +1,6 @@
 """The `lacuna` command. Heavy imports (torch, transformers) happen inside commands so `--help` is instant."""
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -49,14 +50,17 @@ def _recipe(name: str, arguments: list[str]) -> None:
     from lacuna.config import load_config
     from lacuna.launch import launch
     from lacuna.prepare import main as prepare_main
+    from lacuna.shards import FORMAT_VERSION
 
     config_file = Path("configs") / f"{name}.toml"
     if not config_file.is_file():
         raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root")
     materialize(Path("data"))
     config = load_config(["@", str(config_file), *arguments])
-    if not (config.data.path / "manifest.json").is_file():
-        prepare_main([config.prepare.mode, "@", str(config_file), *arguments])
+    manifest = config.data.path / "manifest.json"
+    stale = manifest.is_file() and json.loads(manifest.read_text()).get("version") != FORMAT_VERSION
+    if stale or not manifest.is_file():  # prepared by an older lacuna: this recipe's own folder, so redo it
+        prepare_main([config.prepare.mode, "@", str(config_file), *arguments, *(["--overwrite"] if stale else [])])
     launch(["@", str(config_file), *arguments])
 
 

@@ -1,4 +1,4 @@
-"""The packed-shard format (`lacuna-packed`, version 1): what `lacuna prepare` writes and training reads.
+"""The packed-shard format (`lacuna-packed`, version 2): what `lacuna prepare` writes and training reads.
 
 A prepared folder DIR holds, per split (`train`, `val`) and shard index, six plain `.npy` files that
 `np.load(path, mmap_mode="r")` opens, named `DIR/{split}-{index:05d}.{kind}.npy`:
@@ -21,6 +21,7 @@ is complete. Keys: `format`, `version`, `seq_len`, `token_dtype`, `mode` (pretra
 {name, vocab_size, hash}, `chat_template_hash` (null for pretrain), `config` (the prepare settings that
 shape the output), `stats` {documents, tokens, supervised_tokens, rows, fill, dropped, truncated, split,
 empty_mask, sources, splits, length_histogram} and `splits` {split: [{name, rows, files: {file: sha256}}]}.
+Version 2 changed only how `tokenizer.hash` is computed (see `tokenizer_hash`); version 1 folders are refused.
 """
 
 import hashlib
@@ -38,7 +39,7 @@ import numpy as np
 from lacuna.errors import LacunaError
 
 FORMAT_NAME = "lacuna-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
 FILE_KINDS = ("tokens", "loss_mask", "cu_seqlens", "row_offsets", "supervised", "max_seqlen")
 SPLITS = ("train", "val")

@@ -80,7 +80,7 @@ def test_reader_rejects_what_training_must_not_use(prepared: Path, tmp_path: Pat
         open_shards(copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
-    with pytest.raises(LacunaError, match="version 99, not 'lacuna-packed' version 1"):
+    with pytest.raises(LacunaError, match="version 99, not 'lacuna-packed' version 2"):
         open_shards(copy)
     (copy / "manifest.json").write_text("{truncated")
     with pytest.raises(LacunaError, match="holds format None"):
