@@ -554,6 +554,11 @@ def prepare(config: Config) -> dict[str, Any] | None:
         raise LacunaError("a streaming prepare runs in one process: drop --streaming or the process split")
     if settings.num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fork below would disable it anyway, with a warning
+    if (local_processes := int(os.environ.get("LOCAL_WORLD_SIZE", 1))) > 1:  # torchrun: the node's processes share
+        # its cores, or every process's tokenizer thread pool (rayon) would start a thread per core
+        from lacuna.launch import machine_physical_cores
+
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, machine_physical_cores() // local_processes)))
     import datasets
 
     datasets.disable_progress_bars()
