@@ -201,21 +201,28 @@ class Encoder:
             raise LacunaError(f"{where}: conversation has no assistant turn, so nothing to learn: remove it")
         return messages
 
-    def pretrain_documents(self, records: list, where: str, first: int) -> tuple[list[list[int]], np.ndarray]:
+    def pretrain_documents(self, records: list, where: str, first: int) -> tuple[np.ndarray, ...]:
         for index, record in enumerate(records):
             if not isinstance(record, str):
                 raise LacunaError(f"{where.format(first + index + 1)}: text is {type(record).__name__}, not a "
                                   "string: fix or remove the record")
-        prefix = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # the same encode_batch transformers calls, minus its offsets and Python wrapping
             ids = [encoding.ids for encoding in backend.encode_batch_fast(records, add_special_tokens=False)]
         else:
             ids = self.tokenizer(records, add_special_tokens=False, verbose=False)["input_ids"]
-        sequences = [prefix + sequence + [self.tokenizer.eos_token_id] for sequence in ids]
-        return sequences, np.ones(sum(len(sequence) for sequence in sequences), np.uint8)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        lengths = np.array([len(sequence) for sequence in ids], np.int64) + 1 + (bos is not None)
+        ends = np.cumsum(lengths)
+        tokens = np.empty(int(lengths.sum()), self.dtype)
+        is_text = np.ones(len(tokens), bool)  # the positions between the BOS and EOS of each document
+        for position, token in ((ends - lengths, bos), (ends - 1, eos)):
+            if token is not None:
+                tokens[position], is_text[position] = token, False
+        tokens[is_text] = np.fromiter(chain.from_iterable(ids), self.dtype, count=int(is_text.sum()))
+        return tokens, np.ones(len(tokens), np.uint8), lengths
 
-    def sft_documents(self, records: list, where: str, first: int) -> tuple[list[list[int]], np.ndarray]:
+    def sft_documents(self, records: list, where: str, first: int) -> tuple[np.ndarray, ...]:
         """Chat-template rendering with assistant spans, one batched tokenization, and the spans mapped to tokens:
         a token is supervised when it covers a character of an assistant span (transformers' char_to_token rule)."""
         conversations = [self.conversation(record, where.format(first + index + 1))
@@ -236,16 +243,14 @@ class Encoder:
                 if first_token is not None:
                     changes[offset + first_token] += 1
                     changes[offset + covering_token(encoding, range(end - 1, start - 1, -1)) + 1] -= 1
-        return sequences, (np.cumsum(changes[:-1]) > 0).astype(np.uint8)
+        tokens = np.fromiter(chain.from_iterable(sequences), self.dtype, count=int(lengths.sum()))
+        return tokens, (np.cumsum(changes[:-1]) > 0).astype(np.uint8), lengths
 
     def __call__(self, batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
         source_index, first, records = batch
         where = f"dataset '{self.specs[source_index]}' record #{{}}"
         documents = self.pretrain_documents if self.mode == "pretrain" else self.sft_documents
-        sequences, masks = documents(records, where, first)
-        lengths = np.array([len(sequence) for sequence in sequences], np.int64)
-        tokens = np.fromiter(chain.from_iterable(sequences), self.dtype, count=int(lengths.sum()))
-        return self.finish(tokens, masks, lengths)
+        return self.finish(*documents(records, where, first))
 
     def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
         """Mask each document's first token, apply --overlong, mark documents without targets; returns the kept
@@ -257,8 +262,12 @@ class Encoder:
             overlong = lengths > self.seq_len
             status[overlong] = TRUNCATED if self.overlong == "truncate" else DROPPED
             kept[overlong] = self.seq_len if self.overlong == "truncate" else 0
-        supervised_before = np.concatenate([[0], np.cumsum(masks, dtype=np.int64)])
-        empty = (kept > 0) & (supervised_before[starts + kept] == supervised_before[starts])
+        has_target, positive = np.zeros(len(lengths), bool), lengths > 0
+        if positive.any():
+            has_target[positive] = np.maximum.reduceat(masks, starts[positive]) > 0
+        for index in np.flatnonzero((kept > 0) & (kept < lengths)):  # truncated: only the kept part counts
+            has_target[index] = masks[starts[index]:starts[index] + kept[index]].any()
+        empty = (status != DROPPED) & ~has_target
         status[empty], kept[empty] = EMPTY, 0
         if (kept == lengths).all():
             return tokens, masks, kept, status

@@ -14,7 +14,7 @@ import pytest
 
 from lacuna.assets import materialize
 from lacuna.errors import LacunaError
-from lacuna.prepare import Encoder, main
+from lacuna.prepare import DROPPED, EMPTY, KEPT, TRUNCATED, Encoder, main
 from lacuna.shards import open_shards, token_dtype, tokenizer_hash
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,20 +129,35 @@ def test_sft_tokens_and_masks_equal_transformers_apply_chat_template(tokenizer, 
                 for reply in (" Hello", "  Two spaces", "\nNewline", "\t tab")]
     conversations = [record["messages"] for record in records]
     encoder = Encoder("sft", tokenizer, template, 4096, "drop", np.dtype(np.uint16), ["chat"])
-    sequences, masks = encoder.sft_documents(conversations, "record #{}", 0)
+    tokens, masks, lengths = encoder.sft_documents(conversations, "record #{}", 0)
     expected = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=True, return_dict=True,
                                              return_assistant_tokens_mask=True)
-    assert sequences == expected["input_ids"]
-    masks = np.split(masks, np.cumsum([len(sequence) for sequence in sequences])[:-1])
+    sequences, masks = (np.split(values, np.cumsum(lengths)[:-1]) for values in (tokens, masks))
+    assert [sequence.tolist() for sequence in sequences] == expected["input_ids"]
     leading_space = [any(m["content"][:1].isspace() for m in messages) for messages in conversations]
     assert sum(leading_space) > 0  # transformers stops masking at such a reply (its first character has no token)
     for mask, reference, skip in zip(masks, expected["assistant_masks"], leading_space, strict=True):
         assert skip or mask.tolist() == reference
     for tokens, mask, messages, skip in zip(sequences, masks, conversations, leading_space, strict=True):
         replies = [m["content"] + END_OF_TURN for m in messages if m["role"] == "assistant"]
-        runs = supervised_runs(tokenizer, np.array(tokens), mask)
+        runs = supervised_runs(tokenizer, tokens, mask)
         assert skip or runs == replies
         assert not skip or all(reply in "".join(runs) for reply in replies)  # whole replies, maybe one more newline
+
+
+def test_document_status_kept_truncated_dropped_empty() -> None:
+    lengths = np.array([3, 0, 6, 2, 5])
+    masks = [[1, 1, 1], [], [1, 0, 0, 0, 1, 1], [1, 0], [1, 1, 0, 0, 0]]  # first tokens get masked out
+    tokens = np.arange(lengths.sum(), dtype=np.uint16)
+    for overlong, status, kept in (("truncate", [KEPT, EMPTY, EMPTY, EMPTY, TRUNCATED], [3, 0, 0, 0, 4]),
+                                   ("drop", [KEPT, EMPTY, DROPPED, EMPTY, DROPPED], [3, 0, 0, 0, 0])):
+        encoder = Encoder("sft", None, None, 4, overlong, np.dtype(np.uint16), ["chat"])
+        flat = np.array([bit for mask in masks for bit in mask], np.uint8)
+        kept_tokens, kept_masks, kept_lengths, states = encoder.finish(tokens.copy(), flat, lengths)
+        assert states.tolist() == status and kept_lengths.tolist() == kept
+        expected = [0, 1, 2] + ([11, 12, 13, 14] if overlong == "truncate" else [])
+        assert kept_tokens.tolist() == expected
+        assert kept_masks.tolist() == [0, 1, 1] + ([0, 1, 0, 0] if overlong == "truncate" else [])
 
 
 def test_template_failures_name_the_record(tmp_path: Path, template: str) -> None:
