@@ -49,6 +49,7 @@ def _recipe(name: str, arguments: list[str]) -> None:
     from lacuna.assets import materialize
     from lacuna.config import load_config
     from lacuna.launch import launch
+    from lacuna.prepare import RUN_ONLY
     from lacuna.prepare import main as prepare_main
     from lacuna.shards import FORMAT_VERSION
 
@@ -57,9 +58,15 @@ def _recipe(name: str, arguments: list[str]) -> None:
         raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root")
     materialize(Path("data"))
     config = load_config(["@", str(config_file), *arguments])
-    manifest = config.data.path / "manifest.json"
-    stale = manifest.is_file() and json.loads(manifest.read_text()).get("version") != FORMAT_VERSION
-    if stale or not manifest.is_file():  # prepared by an older lacuna: this recipe's own folder, so redo it
+    manifest_path = config.data.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    wanted = config.prepare.model_copy(update={"tokenizer": config.prepare.tokenizer or config.model.name})
+    own = load_config(["@", str(config_file)]).data.path == config.data.path  # never replace a user's --data
+    stale = own and manifest is not None and (manifest.get("version") != FORMAT_VERSION or manifest.get("config")
+                                              != wanted.model_dump(mode="json", exclude=RUN_ONLY))
+    if stale:  # the recipe's own folder, made by an older lacuna or with other [prepare] settings
+        print(f"lacuna: {config.data.path} was prepared differently; preparing it again", file=sys.stderr)
+    if manifest is None or stale:
         prepare_main([config.prepare.mode, "@", str(config_file), *arguments, *(["--overwrite"] if stale else [])])
     launch(["@", str(config_file), *arguments])
 
