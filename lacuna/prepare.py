@@ -121,8 +121,9 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
             files = [str(file) for file in source.files]
             options = {"sample_by": "document"} if builder == "text" else {}
             try:  # pyarrow's JSON reader alone is several times faster than datasets' per-line pre-scan for mixed
-                # types, which is only needed when records disagree on a field's type (then it stores JSON text)
-                options |= {"on_mixed_types": None} if builder == "json" else {}
+                # types, which is only needed when records disagree on a field's type (then it stores JSON text);
+                # a streamed dataset would fail only later, while reading, so it keeps the pre-scan
+                options |= {"on_mixed_types": None} if builder == "json" and not settings.streaming else {}
                 source.dataset = load_dataset(builder, data_files=files, split="train", streaming=settings.streaming,
                                               **options)
             except Exception:

@@ -217,9 +217,11 @@ def test_sharegpt_matches_openai_messages(tmp_path: Path) -> None:
     # records that disagree on a field's type: pyarrow's reader fails, datasets' mixed-type reading takes over
     mixed = [{**record, "meta": {"id": 1} if index % 2 else "plain"} for index, record in enumerate(openai)]
     prepare("sft", tmp_path / "c", "--dataset", str(write_jsonl(tmp_path / "c.jsonl", mixed)))
+    prepare("sft", tmp_path / "d", "--dataset", str(tmp_path / "c.jsonl"), "--streaming")
     for name in files(tmp_path / "a"):
         if name != "manifest.json":
-            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+            for other in ("c", "d"):
+                assert (tmp_path / "a" / name).read_bytes() == (tmp_path / other / name).read_bytes()
 
 
 def test_parquet_and_text_folders(tmp_path: Path) -> None:
