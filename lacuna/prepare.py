@@ -193,7 +193,7 @@ class Encoder:
             message = message if isinstance(message, dict) else {}
             role = message.get("role") or message.get("from")
             content = message["content"] if message.get("content") is not None else message.get("value")
-            if role not in ROLES:
+            if not isinstance(role, str) or role not in ROLES:
                 raise LacunaError(f"{where}: unknown role {role!r}: use system/user/assistant (or ShareGPT human/gpt)")
             if not isinstance(content, str):
                 raise LacunaError(f"{where}: a {role} message has no text content: fix or remove the record")

@@ -298,6 +298,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, tokenizer) -> None:
 
 BAD_CHAT = {
     "unknown role": ([{"role": "bot", "content": "hi"}], "unknown role 'bot'"),
+    "role not a string": ([{"role": ["user"], "content": "hi"}], "unknown role \\['user'\\]"),
     "no assistant": ([{"role": "user", "content": "hi"}], "conversation has no assistant turn"),
     "no content": ([{"role": "user", "content": None}, {"role": "assistant", "content": "x"}], "a user message"),
     "noncharacter": ([{"role": "user", "content": "a\ufdd0b"}, {"role": "assistant", "content": "x"}],
