@@ -49,8 +49,8 @@ def _recipe(name: str, arguments: list[str]) -> None:
     from lacuna.assets import materialize
     from lacuna.config import load_config
     from lacuna.launch import launch
-    from lacuna.prepare import RUN_ONLY
     from lacuna.prepare import main as prepare_main
+    from lacuna.prepare import recorded_settings
     from lacuna.shards import FORMAT_VERSION
 
     config_file = Path("configs") / f"{name}.toml"
@@ -60,10 +60,9 @@ def _recipe(name: str, arguments: list[str]) -> None:
     config = load_config(["@", str(config_file), *arguments])
     manifest_path = config.data.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    wanted = config.prepare.model_copy(update={"tokenizer": config.prepare.tokenizer or config.model.name})
     own = load_config(["@", str(config_file)]).data.path == config.data.path  # never replace a user's --data
-    stale = own and manifest is not None and (manifest.get("version") != FORMAT_VERSION or manifest.get("config")
-                                              != wanted.model_dump(mode="json", exclude=RUN_ONLY))
+    stale = own and manifest is not None and (manifest.get("version") != FORMAT_VERSION
+                                              or manifest.get("config") != recorded_settings(config))
     if stale:  # the recipe's own folder, made by an older lacuna or with other [prepare] settings
         print(f"lacuna: {config.data.path} was prepared differently; preparing it again", file=sys.stderr)
     if manifest is None or stale:

@@ -16,8 +16,9 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
@@ -118,18 +119,17 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
                                           streaming=settings.streaming)
         else:
             builder = LOCAL_BUILDERS[source.files[0].suffix]
-            files = [str(file) for file in source.files]
             options = {"sample_by": "document"} if builder == "text" else {}
-            try:  # pyarrow's JSON reader alone is several times faster than datasets' per-line pre-scan for mixed
-                # types, which is only needed when records disagree on a field's type (then it stores JSON text);
-                # a streamed dataset would fail only later, while reading, so it keeps the pre-scan
-                options |= {"on_mixed_types": None} if builder == "json" and not settings.streaming else {}
-                source.dataset = load_dataset(builder, data_files=files, split="train", streaming=settings.streaming,
-                                              **options)
-            except Exception:
-                options.pop("on_mixed_types", None)
-                source.dataset = load_dataset(builder, data_files=files, split="train", streaming=settings.streaming,
-                                              **options)
+            read = partial(load_dataset, builder, data_files=[str(file) for file in source.files], split="train",
+                           streaming=settings.streaming, **options)
+            # pyarrow's JSON reader alone is several times faster than datasets' per-line pre-scan for mixed types,
+            # which only records that disagree on a field's type need (it then stores JSON text); a streamed
+            # dataset would fail only later, while reading, so it keeps the pre-scan
+            if builder == "json" and not settings.streaming:
+                with suppress(Exception):
+                    source.dataset = read(on_mixed_types=None)
+            if source.dataset is None:
+                source.dataset = read()
     except Exception as error:  # datasets raises many types; all mean "cannot read this source"
         raise read_error(source, error) from None
     source.field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
@@ -508,6 +508,12 @@ def process_slot(settings: PrepareConfig) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def recorded_settings(config: Config) -> dict[str, Any]:
+    """The [prepare] settings a manifest records (those that shape the output), with the tokenizer resolved."""
+    settings = config.prepare.model_copy(update={"tokenizer": config.prepare.tokenizer or config.model.name})
+    return settings.model_dump(mode="json", exclude=RUN_ONLY)
+
+
 def check_settings(config: Config) -> tuple[PrepareConfig, Path, list[Source]]:
     settings = config.prepare
     settings.tokenizer = settings.tokenizer or config.model.name
@@ -566,9 +572,9 @@ def prepare(config: Config) -> dict[str, Any] | None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fork below would disable it anyway, with a warning
     if (local_processes := int(os.environ.get("LOCAL_WORLD_SIZE", 1))) > 1:  # torchrun: the node's processes share
         # its cores, or every process's tokenizer thread pool (rayon) would start a thread per core
-        from lacuna.launch import machine_physical_cores
+        from lacuna.launch import machine_physical_cores, omp_threads
 
-        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, machine_physical_cores() // local_processes)))
+        os.environ.setdefault("RAYON_NUM_THREADS", str(omp_threads(local_processes, machine_physical_cores())))
     import datasets
 
     datasets.disable_progress_bars()
@@ -582,7 +588,7 @@ def prepare(config: Config) -> dict[str, Any] | None:
     header = {**FORMAT, "seq_len": settings.seq_len, "token_dtype": dtype.name, "mode": settings.mode, "pad_id": pad_id,
               "tokenizer": described,
               "chat_template_hash": hashlib.sha256(template.encode()).hexdigest() if template else None,
-              "config": settings.model_dump(mode="json", exclude=RUN_ONLY)}
+              "config": recorded_settings(config)}
     inputs = [getattr(source.dataset, "_fingerprint", source.spec) for source in sources]
     fingerprint = hashlib.sha256(json.dumps([header, inputs, world]).encode()).hexdigest()
     partial = out.with_name(out.name + ".partial")
