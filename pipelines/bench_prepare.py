@@ -174,7 +174,7 @@ def chat_lengths() -> np.ndarray:
 
 def stdlib_lengths(seq_len: int) -> np.ndarray:
     """Packing items of the real stdlib corpus: BOS + file + EOS, cut into seq_len chunks overlapping by one token
-    (as lacuna.prepare.segments cuts pretraining documents)."""
+    (as lacuna.writing.segments cuts pretraining documents)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)

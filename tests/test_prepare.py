@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from lacuna.assets import materialize
+from lacuna.encoding import DROPPED, EMPTY, KEPT, TRUNCATED, Encoder
 from lacuna.errors import LacunaError
-from lacuna.prepare import DROPPED, EMPTY, KEPT, TRUNCATED, Encoder, main
+from lacuna.prepare import main
 from lacuna.shards import open_shards, token_dtype, tokenizer_hash
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
