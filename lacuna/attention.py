@@ -1,8 +1,15 @@
-"""Per-document causal attention for packed rows, registered in transformers as `lacuna_varlen_sdpa`.
+"""Per-document causal attention for packed rows, registered in transformers under two names.
 
-Attention cost follows document lengths: each document attends only to itself, with one causal
-`scaled_dot_product_attention` call per distinct length, and no [total, total] mask is ever built.
+`lacuna_varlen_sdpa` (any device): one causal `scaled_dot_product_attention` call per distinct document length.
+`lacuna_varlen_attn` (CUDA, bf16/fp16): PyTorch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), fed
+with the stored `cu_seqlens` / `max_seqlen`, so there is no host sync and compiled layers have no graph break.
+Either way attention cost follows document lengths, each document attends only to itself, and no
+[total, total] mask is ever built.
 """
+
+import importlib.util
+import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "lacuna_varlen_sdpa"
+TORCH_VARLEN_NAME = "lacuna_varlen_attn"
 
 
 def boundaries_from_positions(position_ids: Int[Tensor, "batch length"] | None, batch: int, length: int) -> Tensor:
@@ -50,6 +58,62 @@ def varlen_attention(
     return torch.cat(outputs)[torch.cat(token_order).argsort()]
 
 
+def torch_varlen_attention() -> Callable | None:
+    """torch's `varlen_attn`, or None where this torch has none (< 2.10)."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def causal_options(parameters: set[str]) -> tuple[dict[str, object], bool]:
+    """How the installed `varlen_attn` is asked for causal attention (2.10: `is_causal=True`; 2.11+:
+    `window_size=(-1, 0)`), and whether it takes grouped key/value heads itself (2.12+: `enable_gqa`)."""
+    options: dict[str, object] = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    return options | ({"enable_gqa": True} if "enable_gqa" in parameters else {}), "enable_gqa" in parameters
+
+
+def check_packed_call(dropout: float, length: int, kwargs: dict) -> None:
+    window = kwargs.get("sliding_window")
+    if dropout or kwargs.get("softcap") or (window is not None and window < kwargs.get("max_length_q", length)):
+        raise ValueError("lacuna's varlen attention supports neither attention dropout, softcapping nor windows "
+                         "shorter than documents")
+
+
+def torch_varlen_forward(
+    module: torch.nn.Module,
+    query: Float[Tensor, "batch heads length head_dim"],
+    key: Float[Tensor, "batch kv_heads length head_dim"],
+    value: Float[Tensor, "batch kv_heads length head_dim"],
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: Int[Tensor, " segments_plus_one"] | None = None,
+    max_length_q: int | None = None,
+    position_ids: Int[Tensor, "batch length"] | None = None,
+    **kwargs: object,
+) -> tuple[Float[Tensor, "batch length heads head_dim"], None]:
+    """The transformers attention function over torch's `varlen_attn`; padded or cached calls use transformers'
+    sdpa, as in `varlen_sdpa_forward`."""
+    batch, heads, length, _ = query.shape
+    if attention_mask is not None or key.shape[2] != length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    check_packed_call(dropout, length, kwargs)
+    if cu_seq_lens_q is None:  # without the stored boundaries: from position restarts (a host sync)
+        cu_seq_lens_q = boundaries_from_positions(position_ids, batch, length).to(query.device, torch.int32)
+        max_length_q = int(cu_seq_lens_q.diff().max())
+    varlen_attn = torch_varlen_attention()
+    options, grouped = causal_options(set(inspect.signature(varlen_attn).parameters))
+    query, key, value = (tensor.transpose(1, 2).flatten(0, 1) for tensor in (query, key, value))
+    if not grouped and key.shape[1] != heads:
+        key, value = (tensor.repeat_interleave(heads // tensor.shape[1], dim=1) for tensor in (key, value))
+    output = varlen_attn(query, key, value, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                         **options)
+    return output.unflatten(0, (batch, length)), None
+
+
 def varlen_sdpa_forward(
     module: torch.nn.Module,
     query: Float[Tensor, "batch heads length head_dim"],
@@ -68,9 +132,7 @@ def varlen_sdpa_forward(
     if attention_mask is not None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    window = kwargs.get("sliding_window")
-    if dropout or kwargs.get("softcap") or (window is not None and window < kwargs.get("max_length_q", length)):
-        raise ValueError(f"{NAME} supports neither attention dropout, softcapping nor windows shorter than documents")
+    check_packed_call(dropout, length, kwargs)
     if cu_seq_lens_q is None:
         cu_seq_lens_q = boundaries_from_positions(position_ids, batch, length)
     query, key, value = (tensor.transpose(1, 2).flatten(0, 1) for tensor in (query, key, value))
@@ -83,5 +145,6 @@ def varlen_sdpa_mask(*args: object, attention_mask: Tensor | None = None, **kwar
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-AttentionInterface.register(NAME, varlen_sdpa_forward)
-AttentionMaskInterface.register(NAME, varlen_sdpa_mask)
+for name, function in ((NAME, varlen_sdpa_forward), (TORCH_VARLEN_NAME, torch_varlen_forward)):
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, varlen_sdpa_mask)

@@ -5,6 +5,7 @@ size), `rng-RANK.pt`, `meta.json` (step, data position, eval loss, model fingerp
 `config.toml`. It is written as `step-00000100.tmp/` and renamed when complete, so a `step-N` folder is whole.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -17,7 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_flatten
 
 from lacuna.errors import LacunaError
 
@@ -83,8 +87,26 @@ def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.op
         temporary.mkdir(parents=True)
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
-    torch.save(rng_state(), temporary / f"rng-{rank}.pt")
+    state = {"model": model_state, "optimizer": optimizer_state}
+    needed = torch.tensor(sum(tensor.to_local().nbytes if isinstance(tensor, DTensor) else tensor.nbytes
+                              for tensor in tree_flatten(state)[0] if isinstance(tensor, torch.Tensor)))
+    dist.all_reduce(needed)  # every rank sees the same total, so all of them stop, or none
+    free = shutil.disk_usage(temporary).free
+    try:
+        if needed.item() > free:
+            raise OSError(errno.ENOSPC, "not enough free space")
+        dcp.save(state, checkpoint_id=temporary)
+        torch.save(rng_state(), temporary / f"rng-{rank}.pt")
+    except (OSError, RuntimeError, CheckpointException) as error:  # DCP wraps its writers' OSErrors
+        cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) else error
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:120]
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        previous = complete_checkpoints(directory)
+        raise LacunaError(f"cannot write checkpoint {final} ({reason}): it needs ~{needed.item() / 2**20:,.1f} MiB, "
+                          f"{directory} has {free / 2**20:,.1f} MiB free; the last complete checkpoint "
+                          f"({previous[-1] if previous else 'none'}) stays usable: free space or pass another "
+                          "--run-dir, then resume") from None
     dist.barrier()
     if rank == 0:
         (temporary / "config.toml").write_text(config_toml)
@@ -128,9 +150,10 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def export(checkpoint: Path, out: Path) -> None:
-    """Write `checkpoint` as an HF folder (weights, config, tokenizer, chat template) that plain transformers loads."""
+    """Write `checkpoint` as an HF folder (weights, config, sampling generation config, tokenizer, chat template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lacuna.chat import TEMPERATURE, TOP_P
     from lacuna.chat_templates import load_template
     from lacuna.config import load_config
     from lacuna.model import model_configuration
@@ -148,6 +171,9 @@ def export(checkpoint: Path, out: Path) -> None:
         dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
     model.load_state_dict(state["model"])
     model.to(getattr(torch, config.model.dtype))
+    # servers (`transformers serve`) apply a request's temperature and top_p only when the model's generation
+    # config samples; lacuna chat's defaults then apply to requests that set none
+    model.generation_config.update(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P)
     tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer") or config.model.name,  # the data's tokenizer
                                               trust_remote_code=config.model.trust_remote_code)
     if meta.get("mode") == "sft":

@@ -6,11 +6,13 @@ form (`--optim-lr`), or a short alias (`--lr`). In `prepare`, bare keys name fie
 """
 
 import difflib
+import json
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,8 +27,10 @@ class ModelConfig(Section):
     name: str = "data/models/SmolLM2-135M-Instruct"
     """HF hub name, a folder with weights, or a folder with only config.json (random init)."""
     config_overrides: dict[str, Any] = {}
-    attention: Literal["auto", "varlen_sdpa", "flash_attention_2", "sdpa"] = "auto"
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    attention: Literal["auto", "varlen_attn", "varlen_sdpa", "flash_attention_2", "sdpa"] = "auto"
+    """auto: torch's varlen_attn on CUDA in bf16, else lacuna's per-document SDPA (see lacuna/attention.py)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """auto: bf16 on CUDA devices that support it and on CPUs that compute it natively, else fp32."""
     activation_checkpointing: bool = True
     compile: bool = False
     liger: Literal["auto", "on", "off"] = "auto"
@@ -35,29 +39,32 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     path: Path = Path("data/sft")
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1)
     """Rows per micro-batch per rank."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     verify: bool = False
 
 
 class OptimConfig(Section):
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0: no clipping)."""
 
 
 class ScheduleConfig(Section):
-    steps: int = 1000
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
+    steps: int = Field(1000, ge=1)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
 class ParallelConfig(Section):
     nproc_per_node: int | Literal["auto"] = "auto"
     nnodes: int = Field(1, ge=1)
+    replicate: int = Field(1, ge=1)
+    """HSDP: N replicas × world/N shards (e.g. nodes × GPUs per node); 1 = shard over every rank."""
     reshard_after_forward: bool = True
     timeout_seconds: int = Field(600, ge=1)
     """Collective and rendezvous timeout: a hung or dead rank fails the job after this long instead of hanging."""
@@ -69,16 +76,16 @@ class ParallelConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = 0
+    every: int = Field(0, ge=0)
     """Save every N steps (0: only at the end)."""
-    keep: int = 2
+    keep: int = Field(2, ge=1)
     resume: str = "latest"
     """`latest`, `none`, or a checkpoint folder."""
     export: bool = True
 
 
 class LogConfig(Section):
-    every: int = 10
+    every: int = Field(10, ge=1)
     wandb: Literal["off", "online", "offline"] = "off"
     wandb_project: str = "lacuna"
     peak_tflops: float | None = None
@@ -86,8 +93,8 @@ class LogConfig(Section):
 
 
 class EvalConfig(Section):
-    every: int = 0
-    max_rows: int = 256
+    every: int = Field(0, ge=0)
+    max_rows: int = Field(256, ge=1)
 
 
 class PrepareConfig(Section):
@@ -284,3 +291,20 @@ def to_toml(config: Config) -> str:
     import tomli_w
 
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, value in values.items():
+        if not prefix and name in SECTIONS:
+            yield from _flat(value, f"{name}.")
+        else:
+            yield prefix + name, value
+
+
+def changed_settings(config: Config) -> str:
+    """The settings that differ from the defaults, as `key=value` pairs (the start-up line; the full config goes to
+    RUN_DIR/config.toml)."""
+    defaults = dict(_flat(Config().model_dump(mode="json")))
+    changed = [f"{key}={json.dumps(value)}" for key, value in _flat(config.model_dump(mode="json"))
+               if defaults.get(key) != value]
+    return ", ".join(changed) or "all defaults"

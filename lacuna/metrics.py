@@ -1,7 +1,6 @@
 """Training observability: peak flops for MFU, memory, and the rank-0 logger (console, metrics.jsonl, wandb)."""
 
 import json
-import math
 import os
 import resource
 import time
@@ -17,19 +16,26 @@ GPU_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 98
                    "RTX 4090": 165.0, "RTX 3090": 71.0, "MI300X": 1307.0}
 
 
-def measure_matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best matmul flops of this process on CPU (no spec-sheet peak to look up); best-of filters out noise."""
-    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        left @ right
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, largest: int = 2048) -> float:
+    """Best square-matmul flops of this process on CPU (no spec-sheet peak to look up), within about `seconds`:
+    sizes double from 256 up to `largest` while the next size still fits the budget (a CPU that emulates bf16 runs
+    it ~50× slower than fp32, so a fixed size could take a minute); best-of-3 filters out noise."""
+    deadline, size, best = time.perf_counter() + seconds, 256, 0.0
+    while True:
+        left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        for _ in range(3):
+            start = time.perf_counter()
+            left @ right
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * size**3 / elapsed)
+        if size >= largest or time.perf_counter() + 3 * 8 * elapsed > deadline:  # the next size costs ~8× more
+            return best
+        size *= 2
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float | None) -> float:
-    """Per-device peak flops: configured, else the GPU table, else measured."""
+    """Per-device peak flops of `dtype`, the compute dtype in use: configured, else the GPU table (dense bf16
+    tensor-core peaks), else measured on this CPU in about 2 s."""
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type == "cuda":
@@ -37,7 +43,27 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
-    return measure_matmul_flops(dtype if device.type == "cpu" else torch.bfloat16)
+        dtype = torch.bfloat16
+    return measure_matmul_flops(dtype, seconds=2.0)
+
+
+def choose_cpu_dtype(bfloat16_flops: float, float32_flops: float, capability: str) -> tuple[str, str]:
+    """bf16 where this CPU computes it at least as fast as fp32 (native bf16: AMX, AVX512-BF16), else fp32 (emulated
+    bf16 is several to ~50× slower); returns the dtype name and the reason to print."""
+    choice = "bfloat16" if bfloat16_flops >= float32_flops else "float32"
+    return choice, (f"CPU ({capability}) matmul: bf16 {bfloat16_flops / 1e9:.0f} vs fp32 {float32_flops / 1e9:.0f} "
+                    "GFLOP/s per process")
+
+
+def choose_dtype(choice: str, device: torch.device) -> tuple[str, str]:
+    """The compute dtype for `model.dtype` (`auto`: the fast correct one on this device) and the reason for it."""
+    if choice != "auto":
+        return choice, "model.dtype"
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        return ("bfloat16" if supported else "float32"), f"{torch.cuda.get_device_name(device)} bf16 support"
+    probes = [measure_matmul_flops(dtype, seconds=0.15, largest=512) for dtype in (torch.bfloat16, torch.float32)]
+    return choose_cpu_dtype(*probes, torch.backends.cpu.get_cpu_capability())
 
 
 def memory_gib(device: torch.device) -> float:

@@ -1,6 +1,7 @@
 """Build the model (load → liger → activation checkpointing → compile → FSDP2) and compute its loss."""
 
 import importlib.util
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,19 @@ LOSS_CHUNK_TOKENS = 1024
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def resolve_attention(config: Config) -> str:
-    """The transformers attention implementation for `model.attention`."""
-    choice = config.model.attention
-    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+def resolve_attention(config: Config, device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> str:
+    """The transformers attention implementation for `model.attention` (`model.dtype` already resolved)."""
+    choice, half = config.model.attention, config.model.dtype == "bfloat16"
+    torch_varlen = device_type == "cuda" and attention.torch_varlen_attention() is not None
     if choice == "auto":
-        return "flash_attention_2" if flash and config.model.dtype == "bfloat16" else attention.NAME
-    if choice == "flash_attention_2" and not flash:
-        raise LacunaError("model.attention 'flash_attention_2' needs CUDA and flash-attn: `pip install flash-attn` "
-                          "or use --model.attention varlen_sdpa")
-    return attention.NAME if choice == "varlen_sdpa" else choice
+        return attention.TORCH_VARLEN_NAME if torch_varlen and half else attention.NAME
+    if choice == "varlen_attn" and not (torch_varlen and half):
+        raise LacunaError("model.attention 'varlen_attn' needs CUDA, torch >= 2.10 and bf16: use --model.attention "
+                          "varlen_sdpa")
+    if choice == "flash_attention_2" and not (device_type == "cuda" and importlib.util.find_spec("flash_attn")):
+        raise LacunaError("model.attention 'flash_attention_2' needs CUDA and flash-attn (`pip install flash-attn "
+                          "--no-build-isolation`, a source build): or use --model.attention auto")
+    return {"varlen_sdpa": attention.NAME, "varlen_attn": attention.TORCH_VARLEN_NAME}.get(choice, choice)
 
 
 def model_configuration(config: Config) -> PreTrainedConfig:
@@ -85,7 +89,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def apply_liger(model: nn.Module, config: Config, device: torch.device) -> None:
-    """Liger's fused RMSNorm/SwiGLU kernels (CUDA only); the loss stays in `loss_sum`."""
+    """Liger's RMSNorm, SwiGLU and RoPE kernels (CUDA only), and its fused linear cross-entropy for `loss_sum`."""
     if config.model.liger == "off":
         return
     if device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
@@ -94,8 +98,13 @@ def apply_liger(model: nn.Module, config: Config, device: torch.device) -> None:
                               "or use --model.liger auto")
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    _apply_liger_kernel_to_instance(model=model, rope=False, cross_entropy=False, fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    # fp32 accumulation of the weight gradient, as ChunkedCrossEntropy does; the trainer divides the sum itself
+    model.fused_loss = partial(liger_fused_linear_cross_entropy, ignore_index=-100, reduction="sum",
+                               accum_dtype=torch.float32)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -117,7 +126,13 @@ def apply_fsdp(model: nn.Module, config: Config, device: torch.device) -> None:
     """FSDP2 over all ranks: one shard group per decoder layer, then the root (embeddings, final norm, lm_head)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world, replicas = dist.get_world_size(), config.parallel.replicate
+    if world % replicas:
+        raise LacunaError(f"--parallel.replicate {replicas} does not divide the {world} ranks: pick a divisor "
+                          "(e.g. the node count)")
+    # HSDP: shard within each group of world/replicas ranks (a node), all-reduce gradients across the replicas
+    shape, names = ((replicas, world // replicas), ("replicate", "shard")) if replicas > 1 else ((world,), ("shard",))
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     compute_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     # one rank: resharding would only free the bf16 copies to cast them again in backward
@@ -184,9 +199,11 @@ def loss_sum(model: nn.Module, batch: Batch) -> Tensor:
         output = output.flatten(0, -2)
         return output if output.shape[0] == targets.shape[0] else output[supervised.flatten()]
 
+    liger = getattr(model, "fused_loss", None)
     if fused:  # the head returns the loss, computed inside the model's forward while FSDP holds its weight unsharded
-        head.forward = lambda hidden: ChunkedCrossEntropy.apply(supervised_rows(hidden), head.weight, targets,
-                                                                torch.is_grad_enabled())
+        head.forward = lambda hidden: (liger(supervised_rows(hidden), head.weight, targets).float() if liger else
+                                       ChunkedCrossEntropy.apply(supervised_rows(hidden), head.weight, targets,
+                                                                 torch.is_grad_enabled()))
     try:
         output = model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from lacuna import checkpoint
-from lacuna.config import Config, ScheduleConfig, load_config, to_toml
+from lacuna.config import Config, ScheduleConfig, changed_settings, load_config, to_toml
 from lacuna.errors import LacunaError, run_main
 from lacuna.loader import Batch, DataPosition, Loader, eval_batches
-from lacuna.metrics import Interval, MetricsLogger, memory_gib, peak_flops, truncate_metrics
+from lacuna.metrics import Interval, MetricsLogger, choose_dtype, memory_gib, peak_flops, truncate_metrics
 
 
 def init_distributed(timeout_seconds: int) -> tuple[int, int, torch.device]:
@@ -110,8 +110,10 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
              for parameter in parameters]
     dtype = torch.float64 if local[0].device.type == "cpu" else torch.float32
     squares = torch.stack([torch.linalg.vector_norm(grad, dtype=dtype) ** 2 for grad in local]).sum()
-    if any(isinstance(parameter.grad, DTensor) for parameter in parameters):  # FSDP2: each rank holds one shard
-        dist.all_reduce(squares)
+    mesh = next((grad.device_mesh for grad in (parameter.grad for parameter in parameters)
+                 if isinstance(grad, DTensor)), None)
+    if mesh is not None:  # FSDP2: each rank holds one shard; under HSDP the replicas hold equal copies of it
+        dist.all_reduce(squares, group=mesh.get_group("shard"))
     norm = squares.sqrt().float()
     if max_norm > 0 and norm + 1e-6 > max_norm:  # otherwise the clip coefficient is exactly 1: skip the pass
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
@@ -175,6 +177,7 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
         if val_shards is None or val_shards.num_rows == 0:
             raise LacunaError(f"--eval-every {config.eval.every} needs a val split but '{config.data.path}' has "
                               "none: prepare it with --val-fraction > 0, or pass --eval-every 0")
+    config.model.dtype, dtype_reason = choose_dtype(config.model.dtype, device)
     torch.manual_seed(config.seed)
     model = build_model(config, device)
     check_data(shards, model.config, config)
@@ -190,7 +193,10 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
         prepare_run_dir(config, step)
     logger = MetricsLogger(config.run_dir, rank == 0, config.log.wandb, config.log.wandb_project,
                            config.model_dump(mode="json"), config.schedule.steps)
-    logger.print(to_toml(config), style="dim", markup=False)
+    logger.print(f"config (non-default; all of it in {config.run_dir / 'config.toml'}): {changed_settings(config)}",
+                 style="dim", markup=False)
+    logger.print(f"compute dtype {config.model.dtype} ({dtype_reason}), attention {model.config._attn_implementation}"
+                 f"{', liger' if hasattr(model, 'fused_loss') else ''}")
     logger.print(f"resumed from {resume} at step {step}{note}" if resume else "starting from step 0")
     loader = Loader(shards, config.data.batch_size, config.data.grad_accum, rank, world_size, config.seed, position)
     peak = peak_flops(device, getattr(torch, config.model.dtype), config.log.peak_tflops)

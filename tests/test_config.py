@@ -20,7 +20,7 @@ def test_defaults_are_opinionated() -> None:
     assert config.optim.betas == (0.9, 0.95)
     assert config.optim.weight_decay == 0.1
     assert config.optim.grad_clip == 1.0
-    assert config.model.dtype == "bfloat16"
+    assert config.model.dtype == "auto"
     assert config.checkpoint.resume == "latest"
 
 
@@ -72,6 +72,12 @@ def test_prepare_command_reads_bare_keys_from_the_prepare_table() -> None:
         (["--steps"], "option '--steps' needs a value"),
         (["stray"], "unexpected argument 'stray'"),
         (["@"], "'@' must be followed by a config file path"),
+        (["--lr", "-1"], "config key 'optim.lr' is invalid: Input should be greater than 0 (got -1)"),
+        (["--optim.betas", "[0.9, 1.5]"], "config key 'optim.betas.1' is invalid: Input should be less than 1"),
+        (["--warmup-steps", "-3"], "config key 'schedule.warmup_steps' is invalid"),
+        (["--schedule.min-lr-ratio", "2"], "config key 'schedule.min_lr_ratio' is invalid"),
+        (["--grad-accum", "0"], "config key 'data.grad_accum' is invalid"),
+        (["--parallel.replicate", "0"], "config key 'parallel.replicate' is invalid"),
     ],
 )
 def test_bad_input_is_one_clear_line(arguments: list[str], message: str) -> None:
@@ -137,3 +143,11 @@ def test_count_lines_is_under_budget() -> None:
     result = run_cli("count-lines")
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[0]) < 3000
+
+
+def test_start_up_line_shows_only_what_differs_from_the_defaults() -> None:
+    from lacuna.config import changed_settings
+
+    assert changed_settings(load_config([])) == "all defaults"
+    line = changed_settings(load_config(["--lr", "0.001", "--model.config-overrides.num-hidden-layers", "2"]))
+    assert line == 'model.config_overrides={"num_hidden_layers": 2}, optim.lr=0.001'

@@ -1,5 +1,6 @@
 """Model build, per-document attention and loss on tiny real transformers models (CPU, fp32 unless stated)."""
 
+import functools
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,7 +202,13 @@ def test_flops_per_token_counts_matmuls_and_attention() -> None:
 
 
 def test_attention_choice_and_liger_need_their_hardware() -> None:
-    assert resolve_attention(Config()) == attention.NAME  # CPU: no flash-attn
+    assert resolve_attention(Config()) == attention.NAME  # CPU: neither torch's varlen_attn nor flash-attn
+    bf16 = {"dtype": "bfloat16"}
+    if attention.torch_varlen_attention() is not None:  # torch >= 2.10: the CUDA default in bf16, never in fp32
+        assert resolve_attention(Config.model_validate({"model": bf16}), "cuda") == attention.TORCH_VARLEN_NAME
+        assert resolve_attention(Config.model_validate({"model": {"dtype": "float32"}}), "cuda") == attention.NAME
+    with pytest.raises(LacunaError, match="varlen_attn' needs CUDA"):
+        resolve_attention(Config.model_validate({"model": bf16 | {"attention": "varlen_attn"}}), "cpu")
     assert resolve_attention(Config.model_validate({"model": {"attention": "sdpa"}})) == "sdpa"
     with pytest.raises(LacunaError, match="flash-attn"):
         resolve_attention(Config.model_validate({"model": {"attention": "flash_attention_2"}}))
@@ -318,3 +325,58 @@ def two_rank_worker(rank: int, port: int, folder: str) -> None:
 def test_two_ranks_sum_their_gradients(tmp_path: Path) -> None:
     folder = save_folder(tmp_path / "weights", with_weights=True)
     torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(folder)), nprocs=2)
+
+
+@pytest.mark.parametrize(("parameters", "expected", "grouped"), [
+    ({"query", "cu_seq_q", "max_q", "is_causal"}, {"is_causal": True}, False),  # torch 2.10
+    ({"query", "cu_seq_q", "max_q", "window_size"}, {"window_size": (-1, 0)}, False),  # 2.11
+    ({"query", "cu_seq_q", "window_size", "enable_gqa"}, {"window_size": (-1, 0), "enable_gqa": True}, True),  # 2.12+
+])
+def test_torch_varlen_attn_is_called_causally_on_every_torch_signature(parameters: set[str], expected: dict,
+                                                                       grouped: bool) -> None:
+    assert attention.causal_options(parameters) == (expected, grouped)
+
+
+def test_installed_torch_varlen_attn_signature_is_understood() -> None:
+    import inspect
+
+    varlen_attn = attention.torch_varlen_attention()
+    if varlen_attn is None:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn (added in 2.10)")
+    parameters = set(inspect.signature(varlen_attn).parameters)
+    assert {"cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale"} <= parameters
+    options, _ = attention.causal_options(parameters)
+    assert set(options) <= parameters
+
+
+def test_gradient_reduction_is_an_fp32_forced_sum(process_group: None) -> None:
+    """The policy NCCL needs: bf16 PREMUL_SUM with factor 1.0 returns all-zero gradients (pytorch#190745)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    config = Config.model_validate({"model": {"name": str(save_folder_once()), "dtype": "bfloat16"}})
+    model = build_model(config, torch.device("cpu"))
+    groups = [module._get_fsdp_state()._fsdp_param_group for module in model.modules()
+              if isinstance(module, FSDPModule)]
+    assert len(groups) == tiny_llama().num_hidden_layers + 1
+    for group in groups:
+        assert group.mp_policy.param_dtype == torch.bfloat16 and group.mp_policy.reduce_dtype == torch.float32
+        assert group.gradient_divide_factor == 1.0 and group.force_sum_reduction_for_comms
+
+
+@functools.cache
+def save_folder_once() -> Path:
+    import tempfile
+
+    return save_folder(Path(tempfile.mkdtemp()) / "weights", with_weights=True)
+
+
+def test_cpu_dtype_follows_the_matmul_probe() -> None:
+    from lacuna.metrics import choose_cpu_dtype, choose_dtype
+
+    amx = choose_cpu_dtype(bfloat16_flops=900e9, float32_flops=400e9, capability="AVX512")  # native bf16 (AMX)
+    avx2 = choose_cpu_dtype(bfloat16_flops=1.4e9, float32_flops=72e9, capability="AVX2")  # emulated bf16 (EPYC)
+    assert amx[0] == "bfloat16" and avx2[0] == "float32"
+    assert avx2[1] == "CPU (AVX2) matmul: bf16 1 vs fp32 72 GFLOP/s per process"
+    assert choose_dtype("float32", torch.device("cpu")) == ("float32", "model.dtype")
+    chosen, reason = choose_dtype("auto", torch.device("cpu"))  # the real probe on this machine
+    assert chosen in ("bfloat16", "float32") and torch.backends.cpu.get_cpu_capability() in reason
