@@ -1,9 +1,10 @@
 """Memory-mapped, deterministic, resumable batches of packed rows.
 
-Order: every epoch is a seeded permutation of all rows. An optimizer step takes the next global batch of
-`batch_size × grad_accum × world_size` rows from it (a trailing partial global batch is skipped), rank r takes
-the r-th contiguous slice and splits it into grad_accum micro-batches. The data position is (epoch, offset in
-rows), so a resume continues at the exact next row, also with another world size at the same global batch.
+Order: every epoch is a seeded permutation of all rows, computed per position, never stored (`epoch_rows`). An
+optimizer step takes the next global batch of `batch_size × grad_accum × world_size` rows from it (a trailing
+partial global batch is skipped), rank r takes the r-th contiguous slice and splits it into grad_accum micro-batches.
+The data position is (epoch, offset in rows), so a resume continues at the exact next row, also with another world
+size at the same global batch.
 """
 
 from collections.abc import Iterator
@@ -44,9 +45,29 @@ class DataPosition:
     """Rows of this epoch's permutation already consumed."""
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The seeded permutation of all row indices for one epoch."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+def _mix(values: np.ndarray) -> np.ndarray:
+    # splitmix64's finaliser, the Feistel round function: every input bit flips about half the output bits.
+    values = (values ^ (values >> 30)) * 0xBF58476D1CE4E5B9
+    values = (values ^ (values >> 27)) * 0x94D049BB133111EB
+    return values ^ (values >> 31)
+
+
+def epoch_rows(positions: np.ndarray, num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The rows at `positions` of an epoch's seeded order, a bijection of [0, num_rows) computed per position: a
+    Feistel network over the next power of two, reapplied (cycle walking) until it lands inside [0, num_rows)."""
+    keys = np.random.default_rng([seed, epoch]).integers(0, 2**64, 6, dtype=np.uint64)  # 6 rounds, 6 keys
+    bits, values = max((num_rows - 1).bit_length(), 1), np.array(positions, dtype=np.uint64)
+    walking = np.ones(len(values), bool)
+    while walking.any():
+        state, high_bits = values[walking], bits // 2
+        for key in keys:  # unbalanced rounds: (high, low) -> (low, high ^ F(low)), the halves swapping widths
+            low_bits = bits - high_bits
+            high, low = state >> low_bits, state & ((1 << low_bits) - 1)
+            state = (low << high_bits) | (high ^ (_mix(low ^ key) & ((1 << high_bits) - 1)))
+            high_bits = low_bits
+        values[walking] = state
+        walking = values >= num_rows
+    return values.astype(np.int64)
 
 
 def shifted_labels(tokens: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
@@ -96,21 +117,16 @@ class Loader:
             raise LacunaError(f"a global batch of {self.global_batch_rows} rows (batch size {batch_size} × grad accum "
                               f"{grad_accum} × {world_size} ranks) exceeds the {shards.num_rows} rows of the data: "
                               "lower --batch-size or --grad-accum, or prepare more data")
-        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            self._order_epoch, self._order = epoch, epoch_order(self.shards.num_rows, self.seed, epoch)
-        return self._order
 
     def next_step(self) -> tuple[list[Batch], int]:
         """This rank's micro-batches of the next global batch, and the supervised tokens of the whole global batch."""
         if self.position.offset + self.global_batch_rows > self.shards.num_rows:
             self.position = DataPosition(self.position.epoch + 1, 0)
         start = self.position.offset
-        indices = self._epoch_order(self.position.epoch)[start:start + self.global_batch_rows]
+        positions = np.arange(start, start + self.global_batch_rows)
+        indices = epoch_rows(positions, self.shards.num_rows, self.seed, self.position.epoch)
         self.position = DataPosition(self.position.epoch, start + self.global_batch_rows)
-        supervised_total = int(np.asarray(self.shards.supervised_counts)[indices].sum())
+        supervised_total = int(self.shards.supervised_at(indices).sum())
         rank_rows = self.batch_size * self.grad_accum
         mine = indices[self.rank * rank_rows:(self.rank + 1) * rank_rows]
         batches = [collate([self.shards.row(int(index)) for index in mine[first:first + self.batch_size]])

@@ -1,6 +1,6 @@
 """The packed-shard format (`lacuna-packed`, version 2): what `lacuna prepare` writes and training reads.
 
-A prepared folder DIR holds, per split (`train`, `val`) and shard index, six plain `.npy` files that
+A prepared folder DIR holds, per split (`train`, `val`) and shard index, up to six plain `.npy` files that
 `np.load(path, mmap_mode="r")` opens, named `DIR/{split}-{index:05d}.{kind}.npy`:
 
     tokens       [rows, seq_len]  uint16 when every token id fits (vocab <= 65,536), else uint32
@@ -15,6 +15,10 @@ A row is documents laid end to end with no padding between them; a row that cann
 padding tail (pad id, else EOS) that is its own segment, so it attends only to itself. Every document
 segment holds at least one supervised position and the padding tail none. Documents longer than seq_len
 (pretrain) are cut into chunks that overlap by one token, so each token is still a target exactly once.
+
+A shard whose manifest entry lists no loss_mask (pretraining from version 3; SFT keeps it) has the mask that
+`derived_loss_mask` rebuilds: 1 but at segment starts and over the padding tail, which `supervised` tells exactly:
+seq_len - segments without a tail, p - 1 less with a tail of p >= 2 (a 1-token tail is masked as a segment start).
 
 `DIR/manifest.json` is written last, into a temporary folder renamed to DIR, so a folder with a manifest
 is complete. Keys: `format`, `version`, `seq_len`, `token_dtype`, `mode` (pretrain|sft), `tokenizer`
@@ -31,6 +35,7 @@ import mmap
 import os
 from bisect import bisect_right
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,7 @@ import numpy as np
 from lacuna.errors import LacunaError
 
 FORMAT_NAME = "lacuna-packed"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # 3 once prepare writes pretraining shards without loss_mask (the reader handles both)
 FORMAT = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
 FILE_KINDS = ("tokens", "loss_mask", "cu_seqlens", "row_offsets", "supervised", "max_seqlen")
 SPLITS = ("train", "val")
@@ -149,30 +154,56 @@ class ShardSet:
             self.mappings.append(mappings)
         self.row_starts = np.cumsum([0] + [shard["rows"] for shard in manifest["splits"][split]]).tolist()
         self.num_rows: int = self.row_starts[-1]
-        counts = [np.asarray(arrays["supervised"], dtype=np.int64) for arrays in self.shards]
-        self.supervised_counts: np.ndarray = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
 
-    def _read(self, shard_index: int, kind: str, local: int) -> np.ndarray:
-        """Copy one row out, then drop its pages from this process's mapping: they stay in the page cache, but
-        RSS no longer grows with every row ever read (on a 2 GB shard set it would all end up counted)."""
+    def _read(self, shard_index: int, kind: str, start: int, count: int = 1) -> np.ndarray:
+        """Copy entries [start, start + count) of one array out, then drop their pages from this process's mapping."""
+        # They stay in the page cache, but RSS no longer grows with every row ever read (2 GB of shards would count).
         array, (mapped, offset) = self.shards[shard_index][kind], self.mappings[shard_index][kind]
-        row = np.array(array[local])
-        start, end = offset + local * array.strides[0], offset + (local + 1) * array.strides[0]
+        copied = np.array(array[start:start + count])
+        first, end = offset + start * array.strides[0], offset + (start + count) * array.strides[0]
         block = 2**21  # a fault can map a whole large page-cache folio (up to 2 MB), not just the row's pages
-        aligned = start - start % block
+        aligned = first - first % block
         mapped.madvise(mmap.MADV_DONTNEED, aligned, min(len(mapped), end + (-end) % block) - aligned)
-        return row
+        return copied
+
+    def supervised_at(self, indices: np.ndarray) -> np.ndarray:
+        """The supervised-token counts of the rows at global `indices`, read from the shards, not kept in RAM."""
+        shard_of = np.searchsorted(self.row_starts, indices, side="right") - 1
+        counts = np.zeros(len(indices), np.int64)
+        for shard_index in np.unique(shard_of).tolist():
+            chosen = shard_of == shard_index
+            counts[chosen] = self.shards[shard_index]["supervised"][indices[chosen] - self.row_starts[shard_index]]
+            self.mappings[shard_index]["supervised"][0].madvise(mmap.MADV_DONTNEED)  # as in _read
+        return counts
+
+    @property
+    def supervised_counts(self) -> np.ndarray:
+        """Every row's supervised-token count (8 bytes × rows in RAM: for tools; the loader uses supervised_at)."""
+        return self.supervised_at(np.arange(self.num_rows))
 
     def row(self, index: int) -> Row:
         if not 0 <= index < self.num_rows:
             raise LacunaError(f"row {index} is out of range: this split has {self.num_rows} rows")
         shard_index = bisect_right(self.row_starts, index) - 1
-        arrays, local = self.shards[shard_index], index - self.row_starts[shard_index]
-        offsets = arrays["row_offsets"]
-        return Row(tokens=self._read(shard_index, "tokens", local),
-                   loss_mask=self._read(shard_index, "loss_mask", local),
-                   cu_seqlens=arrays["cu_seqlens"][offsets[local]:offsets[local + 1]],
-                   supervised=int(arrays["supervised"][local]), max_seqlen=int(arrays["max_seqlen"][local]))
+        local, read = index - self.row_starts[shard_index], partial(self._read, shard_index)
+        first, last = read("row_offsets", local, 2).tolist()
+        cu_seqlens, supervised = read("cu_seqlens", first, last - first), int(read("supervised", local)[0])
+        stored = "loss_mask" in self.shards[shard_index]
+        mask = read("loss_mask", local)[0] if stored else derived_loss_mask(cu_seqlens, supervised)
+        return Row(read("tokens", local)[0], mask, cu_seqlens, supervised, int(read("max_seqlen", local)[0]))
+
+
+def derived_loss_mask(cu_seqlens: np.ndarray, supervised: int) -> np.ndarray:
+    """A pretraining row's loss mask, not stored: 1 but at segment starts and over a padding tail, which the
+    supervised count tells (module docstring); a count that does not match means a corrupt or non-pretraining row."""
+    mask = np.ones(int(cu_seqlens[-1]), np.uint8)
+    mask[cu_seqlens[:-1]] = 0
+    if supervised < len(mask) - (len(cu_seqlens) - 1):
+        mask[cu_seqlens[-2]:] = 0
+    if mask.sum() != supervised:
+        raise LacunaError(f"a row without a stored loss_mask has {supervised} supervised tokens, not a pretraining "
+                          f"mask's {mask.sum()}: the shard is corrupt or not pretraining data; prepare it again")
+    return mask
 
 
 def open_shards(directory: Path, split: str = "train", verify: bool = False) -> ShardSet:
@@ -184,9 +215,10 @@ def open_shards(directory: Path, split: str = "train", verify: bool = False) -> 
 
 
 def write_shard(directory: Path, name: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Save one shard's arrays as `{name}.{kind}.npy`; returns its manifest entry (rows, file hashes)."""
+    """Save one shard's arrays as `{name}.{kind}.npy`, the kinds given (all but loss_mask are needed; pretraining
+    leaves it out); returns its manifest entry (rows, file hashes)."""
     files = {}
-    for kind in FILE_KINDS:
+    for kind in (kind for kind in FILE_KINDS if kind in arrays):
         path = directory / f"{name}.{kind}.npy"
         np.save(path, arrays[kind], allow_pickle=False)
         files[path.name] = file_sha256(path)

@@ -68,7 +68,7 @@ def train_with_lacuna(data: str, model: dict, warmup: int, steps: int, run_dir: 
     import tomli_w
     import torch
 
-    from lacuna.loader import epoch_order
+    from lacuna.loader import epoch_rows
     from lacuna.shards import open_shards
     from lacuna.train import main
 
@@ -80,7 +80,8 @@ def train_with_lacuna(data: str, model: dict, warmup: int, steps: int, run_dir: 
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][warmup:]
     shards = open_shards(Path(data))
     epochs = -(-(warmup + steps) // shards.num_rows)  # the run's row order (seed 0, one row per step), replayed
-    order = np.concatenate([epoch_order(shards.num_rows, 0, epoch) for epoch in range(epochs)])
+    everything = np.arange(shards.num_rows)
+    order = np.concatenate([epoch_rows(everything, shards.num_rows, 0, epoch) for epoch in range(epochs)])
     tokens = [real_tokens(shards.row(int(index))) for index in order[warmup:warmup + steps]]
     seconds = sum(record["step_seconds"] for record in records)
     # The peak again, right after training: the load on the shared cores may have changed since the peak section.

@@ -1,11 +1,12 @@
-"""Loader: label shifting, document positions, deterministic order across world sizes and resumes."""
+"""Loader: label shifting, document positions, the computed epoch order, across world sizes and resumes."""
 
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from lacuna.errors import LacunaError
-from lacuna.loader import DataPosition, Loader, collate, epoch_order, eval_batches
+from lacuna.loader import DataPosition, Loader, collate, epoch_rows, eval_batches
 from lacuna.shards import Row
 
 
@@ -20,6 +21,9 @@ class Rows:
         self.loss_mask = np.tile(np.array([0, 0, 1, 0, 0, 1, 1, 0], dtype=np.uint8), (num_rows, 1))
         self.loss_mask[::3] = 0  # every third row has nothing supervised
         self.supervised_counts = self.loss_mask.sum(axis=1).astype(np.int64)
+
+    def supervised_at(self, indices: np.ndarray) -> np.ndarray:
+        return self.supervised_counts[indices]
 
     def row(self, index: int) -> Row:
         return Row(self.tokens[index], self.loss_mask[index], np.array([0, 3, 7, 8], dtype=np.int32),
@@ -60,15 +64,60 @@ def test_ranks_split_the_global_batch_and_agree_on_the_supervised_count() -> Non
     assert single.position == DataPosition(epoch=2, offset=16)
 
 
-def test_epochs_are_seeded_permutations_and_a_partial_tail_is_skipped() -> None:
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return epoch_rows(np.arange(num_rows), num_rows, seed, epoch)
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 1000, 2**10, 2**10 + 1, 2**13 - 1, 2**13, 2**13 + 1, 2**17 + 3])
+def test_the_epoch_order_is_a_permutation_for_any_row_count(num_rows: int) -> None:
+    for seed, epoch in ((0, 0), (0, 1), (5, 0)):
+        assert np.array_equal(np.sort(epoch_order(num_rows, seed, epoch)), np.arange(num_rows))
+
+
+def test_the_epoch_order_differs_between_epochs_and_seeds_and_is_computed_per_position() -> None:
+    for num_rows in (10, 1000, 2**10 + 1):
+        orders = [epoch_order(num_rows, seed, epoch).tolist() for seed, epoch in ((0, 0), (0, 1), (1, 0), (0, 2))]
+        assert len({tuple(order) for order in orders}) == len(orders)
+    assert len({tuple(epoch_order(3, seed, 0).tolist()) for seed in range(100)}) == 6  # every order of 3 rows occurs
+    order = epoch_order(1000, 4, 3)
+    picked = np.array([999, 0, 512, 7, 7])
+    assert epoch_rows(picked, 1000, 4, 3).tolist() == order[picked].tolist()
+    assert abs(np.corrcoef(np.arange(1000), order)[0, 1]) < 0.1  # shuffled, not a near-identity
+
+
+def test_epochs_follow_the_order_and_a_partial_tail_is_skipped() -> None:
     rows = Rows(10)
     loader = Loader(rows, batch_size=3, grad_accum=1, rank=0, world_size=1, seed=0)
     seen = [global_rows(loader)[0] for _ in range(4)]
     assert sum(seen[:3], []) == epoch_order(10, 0, 0)[:9].tolist()
     assert seen[3] == epoch_order(10, 0, 1)[:3].tolist()
-    assert sorted(epoch_order(10, 0, 1)) == list(range(10))
-    assert epoch_order(10, 0, 1).tolist() != epoch_order(10, 0, 0).tolist()
-    assert epoch_order(10, 1, 0).tolist() != epoch_order(10, 0, 0).tolist()
+
+
+class Huge:
+    """A trillion rows of 8 tokens (one document) made up from the index: nothing per row is stored anywhere."""
+
+    seq_len, num_rows = 8, 10**12
+
+    def supervised_at(self, indices: np.ndarray) -> np.ndarray:
+        return np.full(len(indices), 7, np.int64)
+
+    def row(self, index: int) -> Row:
+        return Row(np.full(8, index % 49152, np.uint32), np.array([0] + [1] * 7, np.uint8),
+                   np.array([0, 8], np.int32), 7, 8)
+
+
+def test_a_trillion_rows_need_no_per_row_memory_and_resume_mid_epoch() -> None:
+    tracemalloc.start()
+    loader = Loader(Huge(), batch_size=4, grad_accum=2, rank=1, world_size=2, seed=1,
+                    position=DataPosition(epoch=3, offset=10**12 - 80))
+    steps = [loader.next_step() for _ in range(6)]  # 5 steps end epoch 3, the sixth starts epoch 4
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20  # a stored order would be 8 TB
+    assert loader.position == DataPosition(epoch=4, offset=16)
+    first = epoch_rows(np.arange(10**12 - 80 + 8, 10**12 - 80 + 16), 10**12, 1, 3) % 49152  # rank 1's half
+    assert [row for batch in steps[0][0] for row in batch.input_ids[0, ::8].tolist()] == first.tolist()
+    assert all(supervised == 16 * 7 for _, supervised in steps)
 
 
 def test_resume_from_a_position_continues_with_the_exact_next_rows_at_another_world_size() -> None:
@@ -79,8 +128,9 @@ def test_resume_from_a_position_continues_with_the_exact_next_rows_at_another_wo
     saved = uninterrupted.position
     resumed = Loader(rows, batch_size=4, grad_accum=2, rank=0, world_size=1, seed=7, position=saved)
     partner = Loader(rows, batch_size=2, grad_accum=2, rank=1, world_size=2, seed=7, position=saved)
-    for _ in range(6):
-        assert global_rows(resumed)[0] == global_rows(uninterrupted)[0] + global_rows(partner)[0]
+    for step in range(6):  # crosses into epoch 1 after three steps
+        expected = epoch_order(64, 7, (5 + step) // 8)[(5 + step) % 8 * 8:][:8].tolist()
+        assert global_rows(resumed)[0] == global_rows(uninterrupted)[0] + global_rows(partner)[0] == expected
 
 
 def test_global_batch_larger_than_the_data_is_a_clear_error() -> None:
