@@ -122,3 +122,54 @@ def test_restarting_from_scratch_over_existing_checkpoints_is_an_error(trained: 
     with pytest.raises(LacunaError, match="holds checkpoints after step 0 .*step-00000004"):
         main(arguments)
     assert len(complete_checkpoints(trained["run"] / "checkpoints")) == 3
+
+
+
+SAVE_TWICE = """
+import resource, signal, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from lacuna.checkpoint import save
+from lacuna.errors import run_main
+
+def main(arguments):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = fully_shard(torch.nn.Linear(256, 256))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 256)).sum().backward()
+    optimizer.step()
+    save(Path(arguments[0]), 1, model, optimizer, {}, "", keep=2)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past 4 KiB now fail (EFBIG), as on a disk filling up
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    save(Path(arguments[0]), 2, model, optimizer, {}, "", keep=2)
+
+run_main(main, sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_full_disk_is_one_line_naming_the_sizes_and_the_last_usable_checkpoint(tmp_path: Path, when: str) -> None:
+    """`before`: a 64 KiB filesystem fails the free-space check; `during`: the second save's writes fail."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    if when == "before":
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)],
+                                 capture_output=True, text=True)
+        if mounted.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        result = subprocess.run([sys.executable, "-c", SAVE_TWICE, str(directory)], capture_output=True, text=True,
+                                timeout=120)
+        kept = [] if when == "before" else ["step-00000001"]
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        line = result.stderr
+        assert f"cannot write checkpoint {directory / f'step-0000000{len(kept) + 1}'}" in line
+        assert "MiB free" in line and f"last complete checkpoint ({directory / kept[0] if kept else 'none'})" in line
+        assert sorted(path.name for path in directory.iterdir()) == kept  # no half-written step-N.tmp left
+    finally:
+        if when == "before":
+            subprocess.run(["umount", str(directory)], check=True)
