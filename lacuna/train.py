@@ -177,7 +177,9 @@ def train(config: Config, rank: int, world_size: int, device: torch.device) -> N
         if val_shards is None or val_shards.num_rows == 0:
             raise LacunaError(f"--eval-every {config.eval.every} needs a val split but '{config.data.path}' has "
                               "none: prepare it with --val-fraction > 0, or pass --eval-every 0")
-    config.model.dtype, dtype_reason = choose_dtype(config.model.dtype, device)
+    decision = [choose_dtype(config.model.dtype, device) if rank == 0 else None]
+    dist.broadcast_object_list(decision)  # one probe decides for every rank: their timings could disagree
+    config.model.dtype, dtype_reason = decision[0]
     torch.manual_seed(config.seed)
     model = build_model(config, device)
     check_data(shards, model.config, config)
