@@ -167,7 +167,8 @@ def train_with_hf(framework: str, data: str, model_overrides: dict, warmup: int,
 
 def loader_rss(data: str, steps: int) -> dict[str, Any]:
     """Peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent) of a fresh process that opens a shard set
-    and takes `steps` batches of 8 rows from lacuna's Loader; RssAnon/RssFile split the current RSS."""
+    and takes `steps` batches of 8 rows from lacuna's Loader; RssAnon/RssFile split the current RSS; the seconds
+    each next_step took (the data wait a training step would see)."""
     from lacuna.loader import Loader
     from lacuna.shards import open_shards
 
@@ -177,9 +178,12 @@ def loader_rss(data: str, steps: int) -> dict[str, Any]:
 
     before = memory()
     loader = Loader(open_shards(Path(data)), 8, 1, 0, 1, 0)
+    seconds = []
     for _ in range(steps):
+        started = time.perf_counter()
         loader.next_step()
-    return {"before": before, "after": memory()}
+        seconds.append(time.perf_counter() - started)
+    return {"before": before, "after": memory(), "step_seconds": seconds}
 
 
 # ----------------------------------------------------------------------------- sections
@@ -278,23 +282,21 @@ def mfu(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_shard_set(directory: Path, megabytes: int, seq_len: int = MFU_SEQ_LEN, rows_per_shard: int = 16384) -> None:
-    """A synthetic shard set in lacuna's format (shards.write_shard + manifest): rows of 4 documents of seq_len/4."""
+    """A synthetic pretraining shard set in lacuna's format (shards.write_shard + manifest), without loss_mask files
+    (the loader derives the mask): rows of 4 documents of seq_len/4."""
     from lacuna.shards import FORMAT_NAME, FORMAT_VERSION, write_shard
 
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    rows = megabytes * 2**20 // (3 * seq_len)  # uint16 tokens + uint8 mask per position
+    rows = megabytes * 2**20 // (2 * seq_len)  # uint16 tokens per position
     document = seq_len // 4
-    mask_row = np.ones(seq_len, np.uint8)
-    mask_row[::document] = 0
     rng, entries = np.random.default_rng(0), []
     for index, first in enumerate(range(0, rows, rows_per_shard)):
         count = min(rows_per_shard, rows - first)
         arrays = {"tokens": rng.integers(0, 49152, (count, seq_len), dtype=np.uint16),
-                  "loss_mask": np.broadcast_to(mask_row, (count, seq_len)).copy(),
                   "cu_seqlens": np.tile(np.arange(0, seq_len + 1, document, dtype=np.int32), count),
                   "row_offsets": np.arange(count + 1, dtype=np.int64) * 5,
-                  "supervised": np.full(count, int(mask_row.sum()), np.int64),
+                  "supervised": np.full(count, seq_len - 4, np.int64),
                   "max_seqlen": np.full(count, document, np.int32)}
         entries.append(write_shard(directory, f"train-{index:05d}", arrays))
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "seq_len": seq_len, "token_dtype": "uint16",
@@ -322,10 +324,19 @@ def rss(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
     peaks = f"{raw['small']['after']['VmHWM']:.0f} → {raw['large']['after']['VmHWM']:.0f} MB"
     figures = [figure("loader peak RSS growth, small → large set", growth, f"{growth:+.1f} MB (peak {peaks}; "
                       f"anonymous {anonymous:+.1f} MB, file-mapped {mapped:+.1f} MB)", "< 50 MB", growth < 50, on)]
+    step = float(np.median(raw["large"]["step_seconds"][1:]))
+    train_step = float(np.mean(previous["mfu"]["raw"]["lacuna"]["step_seconds"])) if "mfu" in previous else None
+    share = step / train_step if train_step else None
+    shown = f"{1e3 * step:.2f} ms" + (f" = {100 * share:.3f} % of the {train_step:.1f} s MFU step" if share else "")
+    figures.append(figure("loader time per step, large set (median)", step, shown, "< 1 % of a step",
+                          share < 0.01 if share else None, on))
     notes = ["rss: file-mapped = pages of the memory-mapped shard files that the loader touched. On this machine "
              "(Linux 6.x, ext4 with large page-cache folios: see FileHugePages in /proc/meminfo) a page fault maps a "
-             "whole folio, far more than the 6 KB row read; lacuna's ShardSet therefore drops the 2 MB blocks around "
-             "each row from the mapping (madvise DONTNEED) after copying it out: page cache, not RSS."]
+             "whole folio, far more than the 4 KB row read; lacuna's ShardSet therefore drops the 2 MB blocks around "
+             "everything it reads (tokens, boundaries, per-row counts) from the mapping (madvise DONTNEED) after "
+             "copying it out: page cache, not RSS. The epoch order is computed per position (loader.epoch_rows) and "
+             "the step's supervised counts are read per batch, so nothing per row is held in RAM either.",
+             "rss: the sets have no loss_mask files (pretraining from format version 3): the loader derives the mask."]
     return {"figures": figures, "raw": raw, "notes": notes}
 
 
