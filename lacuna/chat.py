@@ -1,10 +1,10 @@
-"""Talk to a model in the terminal (`lacuna chat`) and serve one over an OpenAI-compatible API (`lacuna serve`).
+"""Talk to a model in the terminal (`lacuna chat`): generated locally, or by an OpenAI-compatible server.
 
-Local generation is plain transformers: `generate` in a thread feeding a `TextIteratorStreamer`. The client speaks
-`/v1/chat/completions` with SSE streaming to vLLM, SGLang, `transformers serve` or `lacuna serve`, a small stdlib
-server, so trying an export needs nothing beyond lacuna's own dependencies.
+Local generation is plain transformers: `generate` in a thread feeding a `TextIteratorStreamer`. A server
+(`transformers serve DIR`, vLLM, SGLang, ...) is reached through the `openai` client, streaming.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -16,6 +16,7 @@ from typing import Any
 from lacuna.errors import LacunaError
 
 Message = dict[str, str]
+TEMPERATURE, TOP_P = 0.7, 0.9  # the chat's sampling defaults, also written into every export's generation config
 COMMANDS = "/reset  /system TEXT  /save FILE  /exit"
 WHERE_TO_FIND = "pass an HF export folder (RUN_DIR/export) or a DCP checkpoint (RUN_DIR/checkpoints/step-N)"
 
@@ -54,14 +55,9 @@ class LocalModel:
             self.tokenizer.chat_template = load_template(None, self.tokenizer)
         eos = self.model.generation_config.eos_token_id
         self.eos = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
-        self.lock = threading.Lock()
 
-    def stream(self, messages: list[Message], temperature: float, top_p: float, max_tokens: int,
-               seed: int | None = None, usage: dict[str, Any] | None = None) -> Iterator[str]:
-        """Yield the reply's text as it is generated; closing the generator stops generation after one token.
-
-        `usage`, when given, receives token counts and the OpenAI `finish_reason` once the reply is complete.
-        """
+    def stream(self, messages: list[Message], temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
+        """Yield the reply's text as it is generated; closing the generator stops generation after one token."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -76,39 +72,29 @@ class LocalModel:
                                                         return_dict=True).to(self.device)
         except Exception as error:  # templates raise on conversations they do not support (roles, order)
             raise ReplyError(f"the chat template rejected the conversation: {_first_line(error)}") from None
-        prompt_length = inputs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        result: dict[str, Any] = {}
+        errors: list[Exception] = []
 
         def generate() -> None:
             try:
-                if seed is not None:
-                    torch.manual_seed(seed)
-                result["tokens"] = self.model.generate(
-                    **inputs, streamer=streamer, max_new_tokens=max_tokens, eos_token_id=sorted(self.eos),
-                    pad_token_id=min(self.eos), stopping_criteria=StoppingCriteriaList([StopOnEvent()]), **sampling,
-                )[0, prompt_length:].tolist()
+                self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_tokens,
+                                    eos_token_id=sorted(self.eos), pad_token_id=min(self.eos),
+                                    stopping_criteria=StoppingCriteriaList([StopOnEvent()]), **sampling)
             except Exception as error:  # surfaced to the caller below; the streamer must still end
-                result["error"] = error
+                errors.append(error)
                 streamer.end()
 
-        with self.lock:
-            thread = threading.Thread(target=generate, daemon=True)
-            thread.start()
-            try:
-                yield from streamer
-            finally:
-                stop.set()
-                thread.join()
-            if "error" in result:
-                raise ReplyError(f"generation failed: {_first_line(result['error'])}")
-            if usage is not None:
-                tokens = result["tokens"]
-                usage.update(prompt_tokens=prompt_length, completion_tokens=len(tokens),
-                             total_tokens=prompt_length + len(tokens),
-                             finish_reason="stop" if tokens and tokens[-1] in self.eos else "length")
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            thread.join()
+        if errors:
+            raise ReplyError(f"generation failed: {_first_line(errors[0])}")
 
 
 def load_local(model: str) -> LocalModel:
@@ -136,72 +122,53 @@ def _error_message(body: Any) -> str:
 
 
 class RemoteModel:
-    """A model behind an OpenAI-compatible `/v1/chat/completions` endpoint."""
+    """A model behind an OpenAI-compatible `/v1/chat/completions` endpoint, through the `openai` client."""
 
     def __init__(self, base_url: str, name: str | None, api_key: str | None) -> None:
-        import httpx
+        import openai
 
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(600, connect=10))
+        # the client requires a key; local servers ignore it
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", max_retries=0,
+                                    timeout=openai.Timeout(600, connect=10))
         self.name = name or self._first_model()
 
     def _first_model(self) -> str:
-        import httpx
-
-        try:
-            response = self.client.get("/models")
-        except httpx.HTTPError as error:
-            raise self._connection_error(error) from None
-        self._check(response)
-        models = [entry["id"] for entry in response.json().get("data", [])]
+        with self._errors():
+            models = [model.id for model in self.client.models.list()]
         if not models:
             raise LacunaError(f"{self.base_url}/models lists no models: pass --model NAME")
         return models[0]
 
-    def _check(self, response: Any) -> None:
-        if response.status_code >= 400:
-            response.read()
-            try:
-                body = response.json()
-            except ValueError:
-                body = response.text
-            hint = ": pass --api-key or set OPENAI_API_KEY" if response.status_code in (401, 403) else ""
-            raise ReplyError(f"{self.base_url} returned HTTP {response.status_code}: {_error_message(body)}{hint}")
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The client's exceptions as one-line ReplyErrors."""
+        import openai
 
-    def _connection_error(self, error: Exception) -> ReplyError:
-        import httpx
-
-        if isinstance(error, httpx.ConnectError):
-            return ReplyError(f"cannot reach {self.base_url}: is the server running? (`lacuna serve --model DIR`)")
-        if isinstance(error, httpx.TimeoutException):
-            return ReplyError(f"{self.base_url} did not answer in time ({type(error).__name__})")
-        return ReplyError(f"request to {self.base_url} failed: {type(error).__name__}: {error}")
+        try:
+            yield
+        except openai.APIStatusError as error:
+            hint = ": pass --api-key or set OPENAI_API_KEY" if error.status_code in (401, 403) else ""
+            raise ReplyError(f"{self.base_url} returned HTTP {error.status_code}: {_error_message(error.body)}{hint}"
+                             ) from None
+        except openai.APITimeoutError:
+            raise ReplyError(f"{self.base_url} did not answer in time") from None
+        except openai.APIConnectionError:
+            raise ReplyError(f"cannot reach {self.base_url}: is the server running? (`transformers serve DIR`)"
+                             ) from None
+        except openai.APIError as error:  # an error event in the middle of a stream
+            raise ReplyError(f"{self.base_url} failed mid-reply: {_error_message(error.body or error.message)}"
+                             ) from None
 
     def stream(self, messages: list[Message], temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
-        """Yield the reply's text from the server's SSE stream; closing the generator drops the connection."""
-        import httpx
-
-        body = {"model": self.name, "messages": messages, "stream": True, "temperature": temperature,
-                "top_p": top_p, "max_tokens": max_tokens}
-        try:
-            with self.client.stream("POST", "/chat/completions", json=body) as response:
-                self._check(response)
-                for line in response.iter_lines():
-                    data = line.removeprefix("data:").strip()
-                    if not line.startswith("data:") or not data:
-                        continue
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise ReplyError(f"{self.base_url} failed mid-reply: {_error_message(chunk)}")
-                    for choice in chunk.get("choices") or []:
-                        yield (choice.get("delta") or {}).get("content") or ""
-        except httpx.HTTPError as error:
-            raise self._connection_error(error) from None
-        except json.JSONDecodeError:
-            raise ReplyError(f"{self.base_url} sent a chunk that is not JSON: is it OpenAI-compatible?") from None
+        """Yield the reply's text from the server's stream; closing the generator drops the connection."""
+        with self._errors():
+            with self.client.chat.completions.create(model=self.name, messages=messages, stream=True,  # type: ignore
+                                                     temperature=temperature, top_p=top_p, max_tokens=max_tokens
+                                                     ) as chunks:
+                for chunk in chunks:
+                    for choice in chunk.choices:
+                        yield choice.delta.content or ""
 
 
 def save_conversation(path: Path, messages: list[Message]) -> None:
@@ -261,8 +228,8 @@ def _run_command(line: str, messages: list[Message], console: Any) -> bool:
     return True
 
 
-def chat(model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-         system: str | None = None, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 512) -> None:
+def chat(model: str | None = None, base_url: str | None = None, api_key: str | None = None, system: str | None = None,
+         temperature: float = TEMPERATURE, top_p: float = TOP_P, max_tokens: int = 512) -> None:
     """Multi-turn terminal chat with a local export/checkpoint (`model`) or an OpenAI-compatible `base_url`."""
     from rich.console import Console
 

@@ -171,9 +171,10 @@ def export(checkpoint: Path, out: Path) -> None:
         dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
     model.load_state_dict(state["model"])
     model.to(getattr(torch, config.model.dtype))
-    # servers (`transformers serve`) apply a request's temperature and top_p only when the model's generation
-    # config samples; lacuna chat's defaults then apply to requests that set none
-    model.generation_config.update(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P)
+    # training turned the KV cache off; servers (`transformers serve`) apply a request's temperature and top_p only
+    # when the generation config samples, and lacuna chat's defaults then apply to requests that set none
+    model.config.use_cache = True
+    model.generation_config.update(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, use_cache=True)
     tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer") or config.model.name,  # the data's tokenizer
                                               trust_remote_code=config.model.trust_remote_code)
     if meta.get("mode") == "sft":

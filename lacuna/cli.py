@@ -2,11 +2,13 @@
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from lacuna.chat import TEMPERATURE, TOP_P
 from lacuna.errors import LacunaError, run_main
 
 app = typer.Typer(
@@ -46,39 +48,47 @@ def train(context: typer.Context) -> None:
 
 
 def _recipe(name: str, arguments: list[str]) -> None:
+    """Prepare the data folder when missing or stale, then train: with the user's `@ file.toml`s, else configs/NAME."""
     from lacuna.assets import materialize
-    from lacuna.config import load_config
+    from lacuna.config import load_config, parse_arguments
     from lacuna.launch import launch
     from lacuna.prepare import main as prepare_main
     from lacuna.prepare import recorded_settings
     from lacuna.shards import FORMAT_VERSION
 
-    config_file = Path("configs") / f"{name}.toml"
-    if not config_file.is_file():
-        raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root")
-    materialize(Path("data"))
-    config = load_config(["@", str(config_file), *arguments])
+    files = [part for path in parse_arguments(arguments)[0] for part in ("@", str(path))]
+    if not files:  # the embedded default: its config and the offline assets it names
+        config_file = Path("configs") / f"{name}.toml"
+        if not config_file.is_file():
+            raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root or "
+                              "pass your own config with `@ file.toml`")
+        materialize(Path("data"))
+        files, arguments = ["@", str(config_file)], ["@", str(config_file), *arguments]
+    config = load_config(arguments)
+    if config.prepare.mode != name:
+        raise LacunaError(f"the config sets prepare.mode = '{config.prepare.mode}', so it is not a {name} config: "
+                          f"run `{config.prepare.mode}` with it, or set [prepare] mode = '{name}'")
     manifest_path = config.data.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    own = load_config(["@", str(config_file)]).data.path == config.data.path  # never replace a user's --data
+    own = load_config(files).data.path == config.data.path  # never replace a user's --data
     stale = own and manifest is not None and (manifest.get("version") != FORMAT_VERSION
                                               or manifest.get("config") != recorded_settings(config))
     if stale:  # the recipe's own folder, made by an older lacuna or with other [prepare] settings
         print(f"lacuna: {config.data.path} was prepared differently; preparing it again", file=sys.stderr)
     if manifest is None or stale:
-        prepare_main([config.prepare.mode, "@", str(config_file), *arguments, *(["--overwrite"] if stale else [])])
-    launch(["@", str(config_file), *arguments])
+        prepare_main([config.prepare.mode, *arguments, *(["--overwrite"] if stale else [])])
+    launch(arguments)
 
 
 @app.command(context_settings=PASS_THROUGH, epilog=CONFIG_EPILOG)
 def pretrain(context: typer.Context) -> None:
-    """Embedded default: prepare the stdlib corpus and pretrain a small model from scratch (configs/pretrain.toml)."""
+    """Prepare the data if needed and pretrain: `@ configs/pretrain_qwen.toml`, say, else configs/pretrain.toml."""
     _recipe("pretrain", context.args)
 
 
 @app.command(context_settings=PASS_THROUGH, epilog=CONFIG_EPILOG)
 def sft(context: typer.Context) -> None:
-    """Embedded default: prepare the chat data and fine-tune SmolLM2-135M-Instruct (configs/sft.toml)."""
+    """Prepare the data if needed and fine-tune: `@ configs/sft_qwen.toml`, say, else the embedded configs/sft.toml."""
     _recipe("sft", context.args)
 
 
@@ -114,8 +124,8 @@ def chat(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint: http://127.0.0.1:8000/v1")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.9,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = TEMPERATURE,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = TOP_P,
     max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per reply.")] = 512,
 ) -> None:
     """Chat in the terminal with a local model or an OpenAI-compatible server. /reset /system /save /exit."""
@@ -123,18 +133,6 @@ def chat(
 
     run_chat(model=model, base_url=base_url, api_key=api_key, system=system, temperature=temperature,
              top_p=top_p, max_tokens=max_tokens)
-
-
-@app.command()
-def serve(
-    model: Annotated[str, typer.Option(help="HF export folder or DCP checkpoint to serve.")],
-    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-) -> None:
-    """Serve an HF export as an OpenAI-compatible /v1/chat/completions endpoint."""
-    from lacuna.serve import serve as run_serve
-
-    run_serve(model=model, host=host, port=port)
 
 
 @app.command()
@@ -159,5 +157,19 @@ def count_lines() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """The `lacuna` console script."""
     run_main(lambda arguments: app(args=arguments, standalone_mode=True), sys.argv[1:])
+
+
+def _script(name: str) -> Callable[[], None]:
+    """A console script that runs the `lacuna NAME` subcommand itself: `pretrain ARGS` is `lacuna pretrain ARGS`."""
+    def script() -> None:
+        command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+        prog_name = Path(sys.argv[0]).name
+        run_main(lambda arguments: command.main(args=arguments, prog_name=prog_name, standalone_mode=True),
+                 sys.argv[1:])
+
+    return script
+
+
+pretrain_main, sft_main, chat_main, count_lines_main = map(_script, ["pretrain", "sft", "chat", "count-lines"])

@@ -1,19 +1,13 @@
-"""`lacuna chat` and `lacuna serve` on a tiny random Llama with the real SmolLM2 tokenizer and ChatML template."""
+"""`lacuna chat` on a tiny random Llama with the real SmolLM2 tokenizer and ChatML template (servers: test_serve.py)."""
 
 import functools
 import importlib.util
 import io
 import json
-import queue
-import re
 import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from lacuna.chat import LocalModel, chat, load_local
@@ -90,17 +84,19 @@ def test_local_chat_streams_keeps_history_and_saves(export: Path, tmp_path: Path
 
 
 def test_closing_a_local_stream_stops_generation(export: Path) -> None:
+    import torch
+
     local = LocalModel(export)
     steps = []
     local.model.register_forward_hook(lambda *_: steps.append(1))
-    usage: dict = {}
-    pieces = local.stream([{"role": "user", "content": "hello"}], 0, 1, 400, usage=usage)
+    pieces = local.stream([{"role": "user", "content": "hello"}], 0, 1, 400)
     next(pieces)
     pieces.close()  # what Ctrl-C does to a reply
-    assert len(steps) < 50 and not usage and not local.lock.locked()
-    list(local.stream([{"role": "user", "content": "hello"}], 1.0, 0.9, 7, seed=1, usage=usage))
-    assert usage == {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 7,
-                     "total_tokens": usage["prompt_tokens"] + 7, "finish_reason": "length"}
+    assert len(steps) < 50
+    steps.clear()
+    torch.manual_seed(1)  # a sampled reply that runs to max tokens (one forward each) without meeting EOS
+    assert "".join(local.stream([{"role": "user", "content": "hello"}], 1.0, 0.9, 7))  # the next reply still works
+    assert len(steps) == 7
 
 
 def test_bad_model_folders_are_one_line_errors(export: Path, tmp_path: Path) -> None:
@@ -155,46 +151,3 @@ def test_unreachable_server_is_an_error_and_a_transient_one_keeps_the_chat(tmp_p
     chat(base_url=url, model="any", system="Be brief.")
     assert f"error: cannot reach {url}" in capsys.readouterr().out
     assert saved(out) == [[{"role": "system", "content": "Be brief."}]]
-
-
-def read_lines(stream: io.TextIOBase, lines: queue.Queue) -> None:
-    for line in stream:
-        lines.put(line)
-
-
-@pytest.mark.timeout(180)
-def test_server_driven_by_the_chat_client(export: Path, tmp_path: Path) -> None:
-    server = subprocess.Popen([*LACUNA, "serve", "--model", str(export), "--port", "0"], stderr=subprocess.PIPE,
-                              text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=read_lines, args=(server.stderr, lines), daemon=True).start()
-    try:
-        deadline, url = time.monotonic() + 90, None
-        while url is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                url = (re.search(r"at (http://\S+/v1);", lines.get(timeout=1)) or [None, None])[1]
-            except queue.Empty:
-                pass
-        assert url, f"server did not start: exit code {server.poll()}"
-        out = tmp_path / "chat.jsonl"
-        options = ["--system", "Be brief.", "--temperature", "0", "--top-p", "0.5", "--max-tokens", "5"]
-        result = subprocess.run([*LACUNA, "chat", "--base-url", url, *options], input=SCRIPT.format(out=out),
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        check_conversations(saved(out), export, 5)
-
-        wrong = subprocess.run([*LACUNA, "chat", "--base-url", url, "--model", "nope"], input="hello\n/exit\n",
-                               capture_output=True, text=True, timeout=60)
-        assert wrong.returncode == 0 and "returned HTTP 404: model 'nope' not found: this server serves" in wrong.stdout
-        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "temperature": 0}
-        completion = httpx.post(f"{url}/chat/completions", json=body, timeout=30).json()
-        assert completion["object"] == "chat.completion" and completion["usage"]["completion_tokens"] == 3
-        assert completion["choices"][0]["message"]["content"] == greedy(export, body["messages"], 3)
-        bad = httpx.post(f"{url}/chat/completions", json={**body, "temperature": "hot"}, timeout=30)
-        assert bad.status_code == 400 and "'temperature': Input should be a valid" in bad.json()["error"]["message"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    log = "".join(lines.queue)
-    assert "messages=system,user temperature=0.0 top_p=0.5 max_tokens=5 stream=True -> 5 tokens (length)" in log
-    assert "messages=system,user,assistant,user temperature=0.0 top_p=0.5 max_tokens=5 stream=True" in log
