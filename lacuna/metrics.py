@@ -55,15 +55,40 @@ def choose_cpu_dtype(bfloat16_flops: float, float32_flops: float, capability: st
                     "GFLOP/s per process")
 
 
+def native_bfloat16_flags() -> set[str] | None:
+    """The CPU's native-bf16 feature flags (x86 `amx_bf16`/`avx512_bf16`, Arm `bf16`); None where the kernel does
+    not list flags (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features")) for flag in line.split()}
+    return flags & {"amx_bf16", "avx512_bf16", "bf16"} if flags else None
+
+
+def cpu_dtype_from_flags(native_flags: set[str], capability: str) -> tuple[str, str]:
+    """bf16 where the CPU has a native-bf16 instruction set, else fp32; with the reason to print."""
+    native = f"native bf16 ({', '.join(sorted(native_flags))})" if native_flags else "bf16 only emulated (slow)"
+    return ("bfloat16" if native_flags else "float32"), f"CPU ({capability}), {native}"
+
+
 def choose_dtype(choice: str, device: torch.device) -> tuple[str, str]:
-    """The compute dtype for `model.dtype` (`auto`: the fast correct one on this device) and the reason for it."""
+    """The compute dtype for `model.dtype` (`auto`: the fast correct one on this device) and the reason for it.
+
+    On CPU the processor's feature flags decide where the OS lists them (the same answer every run, so loss curves
+    stay bit-identical run to run; a timing probe on a busy machine could flip), else a matmul probe of both dtypes.
+    """
     if choice != "auto":
         return choice, "model.dtype"
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
         return ("bfloat16" if supported else "float32"), f"{torch.cuda.get_device_name(device)} bf16 support"
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = native_bfloat16_flags()
+    if flags is not None:
+        return cpu_dtype_from_flags(flags, capability)
     probes = [measure_matmul_flops(dtype, seconds=0.15, largest=512) for dtype in (torch.bfloat16, torch.float32)]
-    return choose_cpu_dtype(*probes, torch.backends.cpu.get_cpu_capability())
+    return choose_cpu_dtype(*probes, capability)
 
 
 def memory_gib(device: torch.device) -> float:

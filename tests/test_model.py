@@ -370,13 +370,16 @@ def save_folder_once() -> Path:
     return save_folder(Path(tempfile.mkdtemp()) / "weights", with_weights=True)
 
 
-def test_cpu_dtype_follows_the_matmul_probe() -> None:
-    from lacuna.metrics import choose_cpu_dtype, choose_dtype
+def test_cpu_dtype_follows_the_feature_flags_or_the_matmul_probe() -> None:
+    from lacuna.metrics import choose_cpu_dtype, choose_dtype, cpu_dtype_from_flags
 
     amx = choose_cpu_dtype(bfloat16_flops=900e9, float32_flops=400e9, capability="AVX512")  # native bf16 (AMX)
     avx2 = choose_cpu_dtype(bfloat16_flops=1.4e9, float32_flops=72e9, capability="AVX2")  # emulated bf16 (EPYC)
     assert amx[0] == "bfloat16" and avx2[0] == "float32"
     assert avx2[1] == "CPU (AVX2) matmul: bf16 1 vs fp32 72 GFLOP/s per process"
+    assert cpu_dtype_from_flags({"amx_bf16", "avx512_bf16"}, "AVX512") == (
+        "bfloat16", "CPU (AVX512), native bf16 (amx_bf16, avx512_bf16)")
+    assert cpu_dtype_from_flags(set(), "AVX2") == ("float32", "CPU (AVX2), bf16 only emulated (slow)")
     assert choose_dtype("float32", torch.device("cpu")) == ("float32", "model.dtype")
     chosen, reason = choose_dtype("auto", torch.device("cpu"))  # the real probe on this machine
     assert chosen in ("bfloat16", "float32") and torch.backends.cpu.get_cpu_capability() in reason
