@@ -1,21 +1,22 @@
 """Chat templates whose assistant turns are wrapped in {% generation %} tags, for assistant-only loss masks."""
 
-import json
 import re
-from datetime import datetime
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Template, TemplateError, TemplateSyntaxError, nodes
+from jinja2 import Template, TemplateSyntaxError, nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lacuna.errors import LacunaError
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}.*?\{%-?\s*endgeneration\s*-?%\}", re.DOTALL)
-FAMILY_TEMPLATES = {"<|im_start|>": "chatml.jinja", "<|start_header_id|>": "llama3.jinja"}
+# The first marker found in the vocabulary picks the template (Qwen3 and Gemma/Mistral/Llama test tokenizers may
+# also hold <|im_start|>, so the more specific markers come first).
+FAMILY_TEMPLATES = {"<start_of_turn>": "gemma3.jinja", "[INST]": "mistral.jinja",
+                    "<|start_header_id|>": "llama3.jinja", "<think>": "qwen3.jinja", "<|im_start|>": "chatml.jinja"}
 
 
 def load_template(path: str | Path | None, tokenizer: Any) -> str:
@@ -27,10 +28,10 @@ def load_template(path: str | Path | None, tokenizer: Any) -> str:
             raise LacunaError(f"cannot read chat template {path} ({error.strerror}): check --chat-template") from None
     vocabulary = tokenizer.get_vocab()
     for marker, name in FAMILY_TEMPLATES.items():
-        if marker in vocabulary:
+        if marker in vocabulary and (marker != "<think>" or "<|im_start|>" in vocabulary):
             return files("lacuna").joinpath("templates", name).read_text(encoding="utf-8")
     raise LacunaError(
-        "tokenizer is neither ChatML nor Llama-3; pass --chat-template PATH with a template "
+        "tokenizer is none of ChatML, Qwen3, Llama-3, Gemma 3 or Mistral; pass --chat-template PATH with a template "
         "that wraps assistant replies in {% generation %}...{% endgeneration %} tags"
     )
 
@@ -56,6 +57,12 @@ def check_template(template: str, name: str) -> None:
 # ----------------------------------------------------------------------------- rendering with assistant spans
 
 SPAN_START, SPAN_END = "\ufdd0", "\ufdd1"  # Unicode noncharacters: reserved for internal use, never in real text
+BLOCKS = [0]  # generation blocks entered by the current render: more marks than blocks means the data holds marks
+
+
+def start_span() -> str:
+    BLOCKS[0] += 1
+    return SPAN_START
 
 
 class GenerationSpans(Extension):
@@ -67,69 +74,71 @@ class GenerationSpans(Extension):
     def parse(self, parser: Any) -> list[nodes.Node]:
         line = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return [nodes.Output([nodes.TemplateData(SPAN_START)], lineno=line), *body,
-                nodes.Output([nodes.TemplateData(SPAN_END)], lineno=line)]
-
-
-def raise_exception(message: str) -> None:
-    raise TemplateError(message)
-
-
-def to_json(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return [nodes.Output([nodes.Call(nodes.Name("lacuna_start_span", "load"), [], [], None, None)], lineno=line),
+                *body, nodes.Output([nodes.TemplateData(SPAN_END)], lineno=line)]
 
 
 @lru_cache(maxsize=4)
 def compile_template(source: str) -> Template:
-    """`source` compiled in the sandboxed environment transformers' `apply_chat_template` uses (same options,
-    filters and globals), so both render the same text; generation blocks leave span marks (GenerationSpans)."""
+    """`source` compiled in the sandboxed environment of transformers' `apply_chat_template`, with its options,
+    filters and globals (taken from transformers itself), so both render the same text; generation blocks leave
+    span marks (GenerationSpans)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    reference = _compile_jinja_template("").environment
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[GenerationSpans, loopcontrols])
-    environment.filters["tojson"] = to_json
-    environment.globals |= {"raise_exception": raise_exception,
-                            "strftime_now": lambda format: datetime.now().strftime(format)}
+    environment.filters["tojson"] = reference.filters["tojson"]
+    environment.globals |= {**reference.globals, "lacuna_start_span": start_span}
     return environment.from_string(source)
 
 
-def render_conversations(source: str, conversations: list[list[dict[str, str]]], variables: dict[str, Any]
-                         ) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """Render each conversation with the chat template `source`; returns the texts and, per text, the character
-    spans [start, end) of its {% generation %} blocks (the assistant output that is trained on)."""
-    template = compile_template(source)
-    # One context for the batch, emptied between conversations: what `Template.render` does, without rebuilding
-    # the context (globals + variables) for every conversation, which costs more than rendering a short one.
-    context = template.new_context({**variables, "messages": None})
-    texts, spans = [], []
-    for index, messages in enumerate(conversations):
-        if any(SPAN_START in message["content"] or SPAN_END in message["content"] for message in messages):
-            raise RenderError(index, "a message contains U+FDD0/U+FDD1, Unicode noncharacters lacuna reserves for "
-                                     "marking assistant spans: remove them from the data")
-        context.vars.clear(), context.exported_vars.clear()
-        context.parent["messages"] = messages
-        try:
-            pieces = "".join(template.root_render_func(context)).split(SPAN_START)
-        except Exception as error:  # TemplateError from raise_exception(), or any error the template runs into
-            raise RenderError(index, f"the chat template fails on it ({type(error).__name__}: {error}): fix the "
-                                     "record or the template") from None
-        text, found = [pieces[0]], []
-        length = len(pieces[0])
-        for piece in pieces[1:]:
-            inside, mark, after = piece.partition(SPAN_END)
-            if not mark or SPAN_END in after:  # blocks always come in pairs, so only nesting breaks this
-                raise LacunaError("the chat template's {% generation %} blocks are nested or unbalanced: fix the "
-                                  "template so each assistant reply is wrapped in exactly one block")
-            found.append((length, length + len(inside)))
-            text += (inside, after)
-            length += len(inside) + len(after)
-        texts.append("".join(text))
-        spans.append(found)
-    return texts, spans
-
-
 class RenderError(Exception):
-    """Conversation `index` of the batch cannot be rendered."""
+    """A conversation cannot be rendered (the template raised, or the data holds span marks)."""
 
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(message)
-        self.index = index
+
+class Renderer:
+    """Renders conversations with one chat template; a conversation's text keeps its span marks (`split_spans`)."""
+
+    def __init__(self, source: str, variables: dict[str, Any]) -> None:
+        self.template, self.variables = compile_template(source), variables
+        # One context reused, emptied between conversations: what `Template.render` does, without rebuilding the
+        # context (globals + variables) for every conversation, which costs more than rendering a short one.
+        self.context = self.template.new_context({**variables, "messages": None, "tools": None})
+
+    def render(self, messages: list[dict[str, Any]], tools: list | None = None,
+               variables: dict[str, Any] | None = None) -> str:
+        """The marked text of one conversation; `variables` (chat_template_kwargs) are added to the template's."""
+        context = self.context
+        if variables:  # rare: a fresh context, so these variables do not leak into the next conversation
+            context = self.template.new_context({**self.variables, **variables, "messages": None, "tools": None})
+        context.vars.clear(), context.exported_vars.clear()
+        context.parent["messages"], context.parent["tools"] = messages, tools
+        BLOCKS[0] = 0
+        try:
+            text = "".join(self.template.root_render_func(context))
+        except Exception as error:  # TemplateError from raise_exception(), or any error the template runs into
+            raise RenderError(f"the chat template fails on it ({type(error).__name__}: {error}): fix the record or "
+                              "the template") from None
+        if text.count(SPAN_START) != BLOCKS[0] or text.count(SPAN_END) != BLOCKS[0]:
+            raise RenderError("a message contains U+FDD0/U+FDD1, Unicode noncharacters lacuna reserves for marking "
+                              "assistant spans: remove them from the data")
+        return text
+
+
+def split_spans(marked: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """The text without span marks, and per {% generation %} block (position of its mark in `marked`, start, end)
+    of the block's characters in the text: the assistant output that is trained on."""
+    pieces = marked.split(SPAN_START)
+    text, spans = [pieces[0]], []
+    length = marked_length = len(pieces[0])
+    for piece in pieces[1:]:
+        inside, mark, after = piece.partition(SPAN_END)
+        if not mark or SPAN_END in after:  # blocks always come in pairs, so only nesting breaks this
+            raise LacunaError("the chat template's {% generation %} blocks are nested or unbalanced: fix the "
+                              "template so each assistant reply is wrapped in exactly one block")
+        spans.append((marked_length, length, length + len(inside)))
+        text += (inside, after)
+        length += len(inside) + len(after)
+        marked_length += len(piece) + 1
+    return "".join(text), spans

@@ -1,17 +1,150 @@
-"""Records become documents: the chat-record rules (roles, fields), chat-template rendering with assistant spans,
-batched tokenization and the loss mask, and each document's status (kept, truncated, dropped, empty mask)."""
+"""Records become documents: the chat-record rules (roles, message and conversation fields, loss control),
+chat-template rendering with assistant spans, batched tokenization and the loss mask, and each document's status."""
 
-from dataclasses import dataclass
+import json
+import sys
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from lacuna.chat_templates import RenderError, render_conversations
+from lacuna.chat_templates import SPAN_END, SPAN_START, Renderer, RenderError, split_spans
 from lacuna.errors import LacunaError
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
-KEPT, TRUNCATED, DROPPED, EMPTY = 0, 1, 2, 3  # per-document status
+ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
+         "human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}  # + ShareGPT
+SHAREGPT_KEYS = {"from": "role", "value": "content"}
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' names for a message's reasoning
+LOSS_FIELDS = ("train", "weight")  # per-turn loss control (axolotl's weight): read by lacuna, not by the template
+KEPT, TRUNCATED, DROPPED, EMPTY, EXCLUDED = 0, 1, 2, 3, 4  # per-document status (EXCLUDED: every turn left out)
+CHECKED_RECORDS = 1000  # the template checks run on the first batch, at most this many records
+
+
+@dataclass
+class Conversation:
+    """A chat record as the template sees it: messages, the `tools` variable, other template variables, and the
+    assistant messages left out of the loss (train: false or weight: 0; --assistant-turns last)."""
+
+    messages: list[dict[str, Any]]
+    tools: list | None
+    variables: dict[str, Any]
+    excluded: set[int] = field(default_factory=set)
+    counts: Counter = field(default_factory=Counter)
+
+
+def text_of_parts(parts: list, role: str, where: str) -> str:
+    """A list of content parts as one string: the text parts joined in order (lacuna trains text models)."""
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise LacunaError(f"{where}: a {role} message has a {kind!r} content part, but lacuna trains text "
+                              "models: keep only {\"type\": \"text\", \"text\": ...} parts, or remove the record")
+    return "".join(part["text"] for part in parts)
+
+
+def is_function_call(call: Any) -> bool:
+    function = call.get("function", call) if isinstance(call, dict) else None  # OpenAI shape, or the bare function
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
+
+
+def chat_message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
+    """One message as transformers' `apply_chat_template` passes it to the template (keys whose value is null
+    dropped, reasoning under each of its names), and whether it is trained on."""
+    role = (message.get("role") or message.get("from")) if isinstance(message, dict) else None
+    if not isinstance(role, str) or role not in ROLES:
+        raise LacunaError(f"{where}: unknown role {role!r}: use system/developer/user/assistant/tool (or ShareGPT "
+                          "human/gpt/function_call/observation)")
+    renamed = SHAREGPT_KEYS if "role" not in message else {}
+    converted = {renamed.get(key, key): value for key, value in message.items()
+                 if value is not None and key not in LOSS_FIELDS}
+    converted["role"] = ROLES[role]
+    if role == "function_call":  # LLaMA-Factory: the call as JSON text, {"name": ..., "arguments": ...} or a list
+        try:
+            calls = json.loads(converted.pop("content", ""))
+        except (TypeError, json.JSONDecodeError):
+            calls = None
+        converted["tool_calls"] = [{"type": "function", "function": call}
+                                   for call in (calls if isinstance(calls, list) else [calls])]
+    content = converted.get("content")
+    if isinstance(content, list):
+        converted["content"] = content = text_of_parts(content, role, where)
+    if not isinstance(content, str) and (content is not None or converted["role"] != "assistant"
+                                         or "tool_calls" not in converted):
+        raise LacunaError(f"{where}: a {role} message has no text content: fix or remove the record")
+    calls = converted.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(is_function_call(call) for call in calls)):
+        raise LacunaError(f"{where}: tool_calls must be a list of function calls, e.g. [{{\"type\": \"function\", "
+                          "\"function\": {\"name\": \"search\", \"arguments\": {\"query\": \"...\"}}}]: fix the record")
+    reasoning = next((converted[key] for key in REASONING_FIELDS if key in converted), None)
+    if reasoning is not None:  # as transformers' _alias_reasoning_fields: templates read one name or the other
+        converted = {"thinking": reasoning, **converted, "reasoning_content": reasoning}
+    train, weight = message.get("train", True), message.get("weight", 1)
+    if not isinstance(train, bool) or weight not in (0, 1):
+        raise LacunaError(f"{where}: a message's train must be true or false and its weight 0 or 1 (got {train!r}, "
+                          f"{weight!r}): fix the record")
+    return converted, train and weight == 1
+
+
+def conversation(record: Any, messages_field: str, assistant_turns: str, where: str) -> Conversation:
+    """A record (a JSON line, or a dict of the dataset's columns) as a Conversation, with one-line errors."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as error:
+            raise LacunaError(f"{where}: malformed JSON ({error.msg}): fix or remove that line") from None
+    if not isinstance(record, dict):
+        raise LacunaError(f"{where}: expected a JSON object, got {type(record).__name__}: fix the record")
+    messages = record.get(messages_field)
+    if messages is None and messages_field == "messages":
+        messages = record.get("conversations")  # ShareGPT
+    if messages is None:
+        raise LacunaError(f"{where} has no field '{messages_field}' (fields: {', '.join(record)}): pass "
+                          "--messages-field NAME")
+    if not isinstance(messages, list) or not messages:
+        raise LacunaError(f"{where}: expected a list of messages, got {type(messages).__name__}: fix the record")
+    converted, trained = zip(*(chat_message(message, where) for message in messages), strict=True)
+    assistants = [index for index, message in enumerate(converted) if message["role"] == "assistant"]
+    if not assistants:
+        raise LacunaError(f"{where}: conversation has no assistant turn, so nothing to learn: remove it")
+    excluded = {index for index in assistants if not trained[index]}
+    by_last = set(assistants[:-1]) - excluded if assistant_turns == "last" else set()
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            pass
+    if tools is not None and not isinstance(tools, list):
+        raise LacunaError(f"{where}: tools is neither a list of JSON schemas nor a JSON string of one: fix the record")
+    variables = record.get("chat_template_kwargs") or {}
+    if not isinstance(variables, dict):
+        raise LacunaError(f"{where}: chat_template_kwargs must be an object of template variables, e.g. "
+                          "{\"enable_thinking\": false}: fix the record")
+    counts = Counter(with_tools=bool(tools) or any("tool_calls" in m or m["role"] == "tool" for m in converted),
+                     with_reasoning=any("reasoning_content" in message for message in converted),
+                     multi_turn=len(assistants) > 1, turns_excluded_train_false=len(excluded),
+                     turns_excluded_last=len(by_last))
+    return Conversation(list(converted), tools, variables, excluded | by_last, counts)
+
+
+def trained_spans(renderer: Renderer, chat: Conversation, marked: str, blocks: list[tuple[int, int, int]]
+                  ) -> list[tuple[int, int]]:
+    """The spans of the trained turns. A block belongs to the last assistant message that starts before it; where a
+    message starts is found by rendering the conversation up to it, which must be a prefix of the whole."""
+    cuts, trained_after = [], []
+    for index, message in enumerate(chat.messages):
+        trained = index not in chat.excluded
+        if message["role"] == "assistant" and (not trained_after or trained != trained_after[-1]):
+            prefix = renderer.render(chat.messages[:index], chat.tools, chat.variables) if cuts else ""
+            if not marked.startswith(prefix):
+                raise RenderError("the chat template renders earlier turns differently once later turns follow, "
+                                  "so the turns left out by train: false / --assistant-turns last cannot be told "
+                                  "apart: use a prefix-preserving template (lacuna's own are)")
+            cuts.append(len(prefix)), trained_after.append(trained)
+    return [(start, end) for mark, start, end in blocks if trained_after[bisect_right(cuts, mark) - 1]]
 
 
 @dataclass
@@ -25,23 +158,10 @@ class Encoder:
     overlong: str
     dtype: np.dtype
     specs: list[str]
-
-    def conversation(self, record: Any, where: str) -> list[dict[str, str]]:
-        if not isinstance(record, list) or not record:
-            raise LacunaError(f"{where}: expected a list of messages, got {type(record).__name__}: fix the record")
-        messages = []
-        for message in record:
-            message = message if isinstance(message, dict) else {}
-            role = message.get("role") or message.get("from")
-            content = message["content"] if message.get("content") is not None else message.get("value")
-            if not isinstance(role, str) or role not in ROLES:
-                raise LacunaError(f"{where}: unknown role {role!r}: use system/user/assistant (or ShareGPT human/gpt)")
-            if not isinstance(content, str):
-                raise LacunaError(f"{where}: a {role} message has no text content: fix or remove the record")
-            messages.append({"role": ROLES[role], "content": content})
-        if not any(message["role"] == "assistant" for message in messages):
-            raise LacunaError(f"{where}: conversation has no assistant turn, so nothing to learn: remove it")
-        return messages
+    messages_field: str = "messages"
+    assistant_turns: str = "all"
+    template_name: str = "(default)"
+    renderer: Renderer | None = None
 
     def pretrain_documents(self, records: list, where: str, first: int) -> tuple[np.ndarray, ...]:
         for index, record in enumerate(records):
@@ -64,39 +184,90 @@ class Encoder:
         tokens[is_text] = np.fromiter(chain.from_iterable(ids), self.dtype, count=int(is_text.sum()))
         return tokens, np.ones(len(tokens), np.uint8), lengths
 
-    def sft_documents(self, records: list, where: str, first: int) -> tuple[np.ndarray, ...]:
-        """Chat-template rendering with assistant spans, one batched tokenization, and the spans mapped to tokens:
-        a token is supervised when it covers a character of an assistant span (transformers' char_to_token rule)."""
-        conversations = [self.conversation(record, where.format(first + index + 1))
-                         for index, record in enumerate(records)]
-        variables = {**self.tokenizer.special_tokens_map, "tools": None, "documents": None,
-                     "add_generation_prompt": False}
-        try:
-            texts, spans = render_conversations(self.template, conversations, variables)
-        except RenderError as error:
-            raise LacunaError(f"{where.format(first + error.index + 1)}: {error}") from None
+    def sft_documents(self, records: list, where: str, first: int, check: bool = False) -> tuple[Any, ...]:
+        """Chat-template rendering with assistant spans, one batched tokenization, and the spans mapped to tokens as
+        transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` does: a token is supervised when
+        its character offsets overlap a span."""
+        if self.renderer is None:
+            variables = {**self.tokenizer.special_tokens_map, "documents": None, "add_generation_prompt": False}
+            self.renderer = Renderer(self.template, variables)
+        numbered = [(first + index + 1, record) for index, record in enumerate(records)
+                    if not (isinstance(record, str) and not record.strip())]  # blank JSON lines hold no record
+        chats = [conversation(record, self.messages_field, self.assistant_turns, where.format(number))
+                 for number, record in numbered]
+        texts, spans, marked_texts, counts = [], [], [], Counter()
+        for (number, _), chat in zip(numbered, chats, strict=True):
+            try:
+                marked = self.renderer.render(chat.messages, chat.tools, chat.variables)
+                text, blocks = split_spans(marked)
+                found = trained_spans(self.renderer, chat, marked, blocks) if chat.excluded else [
+                    (start, end) for _, start, end in blocks]
+            except RenderError as error:
+                raise LacunaError(f"{where.format(number)}: {error}") from None
+            texts.append(text), spans.append(found), marked_texts.append(marked)
+            counts.update(chat.counts)
+        if check:
+            counts["not_prefix_preserving"] = self.check_template(chats, marked_texts, where, numbered)
         encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        sequences = [encoding.ids for encoding in encodings]
-        lengths = np.array([len(sequence) for sequence in sequences], np.int64)
-        changes = np.zeros(lengths.sum() + 1, np.int32)  # +1 where a supervised run starts, -1 after it ends
-        for offset, encoding, found in zip((np.cumsum(lengths) - lengths).tolist(), encodings, spans, strict=True):
-            for start, end in found:
-                first_token = covering_token(encoding, range(start, end))
-                if first_token is not None:
-                    changes[offset + first_token] += 1
-                    changes[offset + covering_token(encoding, range(end - 1, start - 1, -1)) + 1] -= 1
-        tokens = np.fromiter(chain.from_iterable(sequences), self.dtype, count=int(lengths.sum()))
-        return tokens, (np.cumsum(changes[:-1]) > 0).astype(np.uint8), lengths
+        lengths = np.array([len(encoding.ids) for encoding in encodings], np.int64)
+        tokens = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), self.dtype,
+                             count=int(lengths.sum()))
+        # every text and its spans shifted to one line of characters, so one search finds each token's span
+        offsets = np.fromiter(chain.from_iterable(chain.from_iterable(encoding.offsets for encoding in encodings)),
+                              np.int64, count=2 * len(tokens)).reshape(-1, 2)
+        text_lengths = np.array([len(text) for text in texts], np.int64)
+        offsets += np.repeat(np.cumsum(text_lengths) - text_lengths, lengths)[:, None]
+        bounds = np.array([(base + start, base + end) for base, found in zip(
+            (np.cumsum(text_lengths) - text_lengths).tolist(), spans, strict=True) for start, end in found],
+            np.int64).reshape(-1, 2)
+        span = np.searchsorted(bounds[:, 1], offsets[:, 0], side="right")  # the first span ending after its start
+        inside = span < len(bounds)
+        masks = np.zeros(len(tokens), np.uint8)
+        masks[inside] = offsets[inside, 1] > bounds[span[inside], 0]
+        excluded = np.array([not found and bool(chat.excluded) for found, chat in zip(spans, chats, strict=True)])
+        return tokens, masks, lengths, excluded, counts
 
-    def __call__(self, batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
+    def check_template(self, chats: list[Conversation], marked_texts: list[str], where: str, numbered: list
+                       ) -> int:
+        """The template checks on the first records: an end-of-turn token left after a generation block is an
+        error (the model would never learn to stop); earlier turns that render differently once later turns
+        follow are one warning with a count (returned)."""
+        special = [token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special]
+        for marked in marked_texts[:CHECKED_RECORDS]:
+            for piece in marked.split(SPAN_START)[1:]:
+                inside, _, after = piece.partition(SPAN_END)
+                if not any(inside.endswith(token) for token in special):
+                    if left := next((token for token in special if after.startswith(token)), None):
+                        raise LacunaError(f"chat template {self.template_name} leaves the end-of-turn token {left} "
+                                          "after an assistant reply outside its {% generation %} block, so the model "
+                                          f"would never learn to stop: move {left} inside the block")
+        checked, differing = 0, []
+        for (number, _), chat, marked in zip(numbered[:CHECKED_RECORDS], chats, marked_texts, strict=False):
+            ends = [index + 1 for index, message in enumerate(chat.messages[:-1]) if message["role"] == "assistant"]
+            checked += bool(ends)
+            if any(not marked.startswith(self.renderer.render(chat.messages[:end], chat.tools, chat.variables))
+                   for end in ends):
+                differing.append(number)
+        if differing:
+            print(f"warning: chat template {self.template_name} is not prefix-preserving: in {len(differing)} of the "
+                  f"first {checked} multi-turn conversations (e.g. {where.format(differing[0])}) earlier turns render "
+                  "differently once later turns follow, so training sees another history than inference: use a "
+                  "template that renders every turn the same way (e.g. lacuna/templates/qwen3.jinja)",
+                  file=sys.stderr, flush=True)
+        return len(differing)
+
+    def __call__(self, batch: tuple[int, int, list]) -> tuple[Any, ...]:
         source_index, first, records = batch
         where = f"dataset '{self.specs[source_index]}' record #{{}}"
-        documents = self.pretrain_documents if self.mode == "pretrain" else self.sft_documents
-        return self.finish(*documents(records, where, first))
+        if self.mode == "pretrain":
+            return *self.finish(*self.pretrain_documents(records, where, first)), Counter()
+        tokens, masks, lengths, excluded, counts = self.sft_documents(records, where, first, first == 0 == source_index)
+        return *self.finish(tokens, masks, lengths, excluded), counts
 
-    def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Mask each document's first token, apply --overlong, mark documents without targets; returns the kept
-        tokens and masks (concatenated) with each document's kept length and status."""
+    def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None
+               ) -> tuple[np.ndarray, ...]:
+        """Mask each document's first token, apply --overlong, mark documents without targets (EXCLUDED: every
+        turn left out); returns the kept tokens and masks (concatenated) with each document's kept length and status."""
         starts = np.cumsum(lengths) - lengths
         masks[starts[lengths > 0]] = 0  # no target across a document boundary
         status, kept = np.full(len(lengths), KEPT, np.int8), lengths.copy()
@@ -111,17 +282,10 @@ class Encoder:
             has_target[index] = masks[starts[index]:starts[index] + kept[index]].any()
         empty = (status != DROPPED) & ~has_target
         status[empty], kept[empty] = EMPTY, 0
+        if excluded is not None:
+            status[excluded], kept[excluded] = EXCLUDED, 0
         if (kept == lengths).all():
             return tokens, masks, kept, status
         document = np.repeat(np.arange(len(lengths)), lengths)
         keep = np.arange(len(tokens)) - starts[document] < kept[document]
         return tokens[keep], masks[keep], kept, status
-
-
-def covering_token(encoding: Any, characters: range) -> int | None:
-    """The first token, in the order of `characters`, that covers one of them (None: none does)."""
-    for character in characters:
-        token = encoding.char_to_token(character)
-        if token is not None:
-            return token
-    return None

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from multiprocessing import get_context
@@ -61,7 +61,7 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
     ENCODER = encoder
     stem = parts / f"part-{rank:05d}"
     per_document: list[list[np.ndarray]] = [[], []]
-    counts = []
+    counts, conversations = [], Counter()
     shown = not settings.quiet and int(os.environ.get("LOCAL_RANK", 0)) == 0  # torchrun: one display per node
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                TimeElapsedColumn())
@@ -75,7 +75,7 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             batches = record_batches(source, index, rank, world, settings.num_proc)
             for result in in_order(pool, batches, 2 * settings.num_proc) if pool else map(encoder, batches):
                 tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
-                per_document[0].append(result[2]), per_document[1].append(result[3])
+                per_document[0].append(result[2]), per_document[1].append(result[3]), conversations.update(result[4])
                 documents, tokens = documents + len(result[2]), tokens + len(result[0])
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 speed = f"{documents / elapsed:,.0f} docs/s  {tokens / elapsed:,.0f} tokens/s"
@@ -85,7 +85,8 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
                 print(f"tokenized {source.spec}: {documents:,} documents, {speed}", flush=True)
     for name, column in zip(("lengths", "status"), per_document, strict=True):
         np.save(f"{stem}.{name}.npy", np.concatenate(column) if column else np.zeros(0, np.int64))
-    write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": counts}))
+    write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": counts,
+                                                        "conversations": conversations}))
 
 
 def finished(marker: Path, fingerprint: str) -> bool:
@@ -142,7 +143,7 @@ def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
         raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which SFT "
                           "masks need: pass a --tokenizer folder that has a tokenizer.json")
     template = load_template(settings.chat_template, tokenizer)
-    check_template(template, settings.chat_template or "(default)")
+    check_template(template, str(settings.chat_template or "(default)"))
     return template
 
 
@@ -190,7 +191,8 @@ def prepare(config: Config) -> dict[str, Any] | None:
         shutil.rmtree(partial, ignore_errors=True)
     (partial / "parts").mkdir(parents=True, exist_ok=True)
     encoder = Encoder(settings.mode, tokenizer, template, settings.seq_len, settings.overlong, dtype,
-                      [source.spec for source in sources])
+                      [source.spec for source in sources], settings.messages_field, settings.assistant_turns,
+                      str(settings.chat_template or "(default)"))
     markers = [partial / "parts" / f"part-{index:05d}.json" for index in range(world)]
     try:
         if not finished(markers[rank], fingerprint):  # a finished part (same inputs) is kept: another may be merging it

@@ -24,6 +24,7 @@ class Source:
     files: list[Path] | None  # None: a Hub dataset
     dataset: Any = None
     field: str = ""
+    columns: list[str] | None = None  # sft: records are dicts of these columns (None: JSON lines, or pretrain text)
 
 
 
@@ -95,26 +96,39 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
                                           streaming=settings.streaming)
         else:
             builder = LOCAL_BUILDERS[source.files[0].suffix]
-            options = {"sample_by": "document"} if builder == "text" else {}
+            if json_lines := builder == "json" and settings.mode == "sft" and all(
+                    file.suffix == ".jsonl" for file in source.files):
+                # each record is parsed from its own line (lacuna/encoding.py): pyarrow's columnar reading unifies
+                # struct types across records, adding the keys of one record's tool-call arguments to another's
+                # (as nulls) and reordering them, which a template would render
+                builder = "text"
+            options = {"sample_by": "document"} if builder == "text" and not json_lines else {}
             read = partial(load_dataset, builder, data_files=[str(file) for file in source.files], split="train",
                            streaming=settings.streaming, **options)
             # pyarrow's JSON reader alone is several times faster than datasets' per-line pre-scan for mixed types,
             # which only records that disagree on a field's type need (it then stores JSON text); a streamed
-            # dataset would fail only later, while reading, so it keeps the pre-scan
-            if builder == "json" and not settings.streaming:
+            # dataset would fail only later, while reading, so it keeps the pre-scan, and so do chat records, whose
+            # structs it keeps apart
+            if builder == "json" and not settings.streaming and settings.mode == "pretrain":
                 with suppress(Exception):
                     source.dataset = read(on_mixed_types=None)
             if source.dataset is None:
                 source.dataset = read()
+            if json_lines:
+                source.field = "text"
+                return source
     except Exception as error:  # datasets raises many types; all mean "cannot read this source"
         raise read_error(source, error) from None
     source.field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
     columns = source.dataset.column_names  # None for some streamed Hub datasets: checked per batch instead
+    source.columns = [] if settings.mode == "sft" else None  # [] (columns unknown): records hold every column
     if columns is not None:
         if source.field == "messages" and "messages" not in columns and "conversations" in columns:
             source.field = "conversations"  # ShareGPT
         check_field(source, columns)
-        source.dataset = source.dataset.select_columns([source.field])
+        if settings.mode == "sft":  # a conversation's own template inputs come with it
+            source.columns = [source.field] + [name for name in ("tools", "chat_template_kwargs") if name in columns]
+        source.dataset = source.dataset.select_columns(source.columns or [source.field])
     return source
 
 
@@ -138,8 +152,11 @@ def record_batches(source: Source, source_index: int, rank: int, world: int, wor
     try:
         for batch in dataset.iter(batch_size=size):
             check_field(source, list(batch))
-            yield source_index, first, batch[source.field]
-            first += len(batch[source.field])
+            records = batch[source.field]
+            if source.columns is not None:
+                records = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            yield source_index, first, records
+            first += len(records)
     except LacunaError:
         raise
     except Exception as error:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from lacuna.config import PrepareConfig
-from lacuna.encoding import DROPPED, EMPTY, TRUNCATED
+from lacuna.encoding import DROPPED, EMPTY, EXCLUDED, TRUNCATED
 from lacuna.errors import LacunaError
 from lacuna.packing import best_fit_decreasing
 from lacuna.shards import SPLITS, write_atomically, write_shard
@@ -55,8 +55,8 @@ def plan_splits(documents: Documents, sources: list[Source], settings: PrepareCo
     """Document ids per split: a seeded val hold-out, then mixture sampling of the train documents per source."""
     usable = np.flatnonzero(documents.status <= TRUNCATED)
     if not len(usable):
-        raise LacunaError("no documents left after filtering (all empty, or overlong and dropped): check the data, "
-                          "--seq-len and --overlong")
+        raise LacunaError("no documents left after filtering (all empty, overlong and dropped, or every assistant "
+                          "turn left out): check the data, --seq-len, --overlong and --assistant-turns")
     held_out = int(round(settings.val_fraction * len(usable)))
     held_out = min(max(held_out, 1 if settings.val_fraction > 0 else 0), len(usable) - 1)
     val = np.sort(np.random.default_rng([settings.seed, 0]).choice(usable, held_out, replace=False))
@@ -150,11 +150,16 @@ def merge(sources: list[Source], settings: PrepareConfig, world: int, partial: P
     stats["fill"] = round(stats["tokens"] / max(stats["rows"] * settings.seq_len, 1), 6)
     planned = np.concatenate(list(splits.values()))
     stats |= {key: int(np.sum(documents.status == value)) for key, value in
-              (("dropped", DROPPED), ("truncated", TRUNCATED), ("empty_mask", EMPTY))}
+              (("dropped", DROPPED), ("truncated", TRUNCATED), ("empty_mask", EMPTY), ("all_turns_excluded", EXCLUDED))}
     stats["split"] = int(np.sum(documents.length[planned] > settings.seq_len))
     edges = [2**power for power in range(int(np.log2(settings.seq_len)) + 1)] + [settings.seq_len + 1]
     stats["length_histogram"] = {"edges": edges, "counts": np.histogram(np.concatenate(all_lengths), edges)[0].tolist()}
     stats["sources"] = report
+    if settings.mode == "sft":  # conversations by kind and turns left out of the loss, counted by each part
+        counted = [json.loads((partial / "parts" / f"part-{rank:05d}.json").read_text())["conversations"]
+                   for rank in range(world)]
+        stats["conversations"] = {key: sum(part.get(key, 0) for part in counted)
+                                  for key in sorted(set().union(*counted))}
     manifest["stats"] = stats
     shutil.rmtree(partial / "parts")
     (partial / "merge.lock").unlink()
