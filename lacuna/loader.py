@@ -53,7 +53,7 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 
 def epoch_rows(positions: np.ndarray, num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The rows at `positions` of an epoch's seeded order, a bijection of [0, num_rows) computed per position: a
+    """The rows at `positions` (in [0, num_rows)) of an epoch's seeded order, a bijection computed per position: a
     Feistel network over the next power of two, reapplied (cycle walking) until it lands inside [0, num_rows)."""
     keys = np.random.default_rng([seed, epoch]).integers(0, 2**64, 6, dtype=np.uint64)  # 6 rounds, 6 keys
     bits, values = max((num_rows - 1).bit_length(), 1), np.array(positions, dtype=np.uint64)
