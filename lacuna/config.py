@@ -113,6 +113,8 @@ class PrepareConfig(Section):
     val_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     overlong: Literal["drop", "truncate"] = "drop"
+    assistant_turns: Literal["all", "last"] = "all"
+    """SFT: supervise every assistant turn, or only each conversation's last (per turn: "train": false)."""
     out: Path | None = None
     """Default: data.path."""
     overwrite: bool = False
