@@ -10,6 +10,7 @@ Either way attention cost follows document lengths, each document attends only t
 import importlib.util
 import inspect
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -74,14 +75,20 @@ def causal_options(parameters: set[str]) -> tuple[dict[str, object], bool]:
     return options | ({"enable_gqa": True} if "enable_gqa" in parameters else {}), "enable_gqa" in parameters
 
 
-def check_packed_call(dropout: float, length: int, kwargs: dict) -> None:
-    window = kwargs.get("sliding_window")
-    if dropout or kwargs.get("softcap") or (window is not None and window < kwargs.get("max_length_q", length)):
-        raise ValueError("lacuna's varlen attention supports neither attention dropout, softcapping nor windows "
-                         "shorter than documents")
+def torch_varlen(query: Float[Tensor, "total heads head_dim"], key: Float[Tensor, "total kv_heads head_dim"],
+                 value: Float[Tensor, "total kv_heads head_dim"], cu_seqlens: Int[Tensor, " segments_plus_one"],
+                 max_seqlen: int | None, scale: float | None) -> Float[Tensor, "total heads head_dim"]:
+    """Causal attention within each segment through torch's `varlen_attn`, on whichever signature torch has."""
+    varlen_attn = torch_varlen_attention()
+    options, grouped = causal_options(set(inspect.signature(varlen_attn).parameters))
+    if not grouped and key.shape[1] != query.shape[1]:
+        key, value = (tensor.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for tensor in (key, value))
+    max_seqlen = max_seqlen or int(cu_seqlens.diff().max())  # a host sync, only without the stored max_seqlen
+    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **options)
 
 
-def torch_varlen_forward(
+def packed_forward(
+    kernel: Callable,
     module: torch.nn.Module,
     query: Float[Tensor, "batch heads length head_dim"],
     key: Float[Tensor, "batch kv_heads length head_dim"],
@@ -94,50 +101,26 @@ def torch_varlen_forward(
     position_ids: Int[Tensor, "batch length"] | None = None,
     **kwargs: object,
 ) -> tuple[Float[Tensor, "batch length heads head_dim"], None]:
-    """The transformers attention function over torch's `varlen_attn`; padded or cached calls use transformers'
-    sdpa, as in `varlen_sdpa_forward`."""
-    batch, heads, length, _ = query.shape
-    if attention_mask is not None or key.shape[2] != length:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    check_packed_call(dropout, length, kwargs)
-    if cu_seq_lens_q is None:  # without the stored boundaries: from position restarts (a host sync)
-        cu_seq_lens_q = boundaries_from_positions(position_ids, batch, length).to(query.device, torch.int32)
-        max_length_q = int(cu_seq_lens_q.diff().max())
-    varlen_attn = torch_varlen_attention()
-    options, grouped = causal_options(set(inspect.signature(varlen_attn).parameters))
-    query, key, value = (tensor.transpose(1, 2).flatten(0, 1) for tensor in (query, key, value))
-    if not grouped and key.shape[1] != heads:
-        key, value = (tensor.repeat_interleave(heads // tensor.shape[1], dim=1) for tensor in (key, value))
-    output = varlen_attn(query, key, value, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
-                         **options)
-    return output.unflatten(0, (batch, length)), None
-
-
-def varlen_sdpa_forward(
-    module: torch.nn.Module,
-    query: Float[Tensor, "batch heads length head_dim"],
-    key: Float[Tensor, "batch kv_heads length head_dim"],
-    value: Float[Tensor, "batch kv_heads length head_dim"],
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    cu_seq_lens_q: Int[Tensor, " segments_plus_one"] | None = None,
-    position_ids: Int[Tensor, "batch length"] | None = None,
-    **kwargs: object,
-) -> tuple[Float[Tensor, "batch length heads head_dim"], None]:
-    """The transformers attention function: rows are flattened and split into documents by `cu_seq_lens_q`
-    (or, without it, by position restarts); padded or cached calls (generation) use transformers' sdpa."""
+    """A transformers attention function: rows are flattened and split into documents by `cu_seq_lens_q` (or,
+    without it, by position restarts) for `kernel`; padded or cached calls (generation) use transformers' sdpa."""
     batch, _, length, _ = query.shape
     if attention_mask is not None or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    check_packed_call(dropout, length, kwargs)
+    window = kwargs.get("sliding_window")
+    if dropout or kwargs.get("softcap") or (window is not None and window < (max_length_q or length)):
+        raise ValueError("lacuna's varlen attention supports neither attention dropout, softcapping nor windows "
+                         "shorter than documents")
     if cu_seq_lens_q is None:
-        cu_seq_lens_q = boundaries_from_positions(position_ids, batch, length)
+        cu_seq_lens_q = boundaries_from_positions(position_ids, batch, length).to(query.device, torch.int32)
     query, key, value = (tensor.transpose(1, 2).flatten(0, 1) for tensor in (query, key, value))
-    output = varlen_attention(query, key, value, cu_seq_lens_q, scaling)
+    output = kernel(query, key, value, cu_seq_lens_q, max_length_q, scaling)
     return output.unflatten(0, (batch, length)), None
+
+
+varlen_sdpa_forward = partial(packed_forward, lambda query, key, value, cu_seqlens, _, scale: varlen_attention(
+    query, key, value, cu_seqlens, scale))
+torch_varlen_forward = partial(packed_forward, torch_varlen)
 
 
 def varlen_sdpa_mask(*args: object, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor | None:
