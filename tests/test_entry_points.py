@@ -1,5 +1,6 @@
 """The console scripts (`pretrain`, `sft`, `chat`, `count_lines`), uv.lock, and the Qwen configs, offline."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -122,3 +123,35 @@ def test_recipes_check_the_mode_and_need_a_config(tmp_path: Path) -> None:
     assert elsewhere.returncode == 2 and not list(tmp_path.iterdir())
     assert elsewhere.stderr == "error: 'configs/sft.toml' not found: run `lacuna sft` from the lacuna repository " \
                                "root or pass your own config with `@ file.toml`\n"
+
+
+def test_a_recipe_uses_the_users_config_instead_of_the_embedded_default(tmp_path: Path) -> None:
+    """`pretrain @ my.toml` from another folder: prepares and trains what my.toml says; no embedded assets there."""
+    lines = (REPO / "data" / "corpus" / "stdlib.jsonl").read_text().splitlines()[:12]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "my.toml").write_text(f"""run_dir = "run"
+[model]
+name = "{REPO / "data" / "models" / "SmolLM2-config"}"
+activation_checkpointing = false
+config_overrides = {{ hidden_size = 64, intermediate_size = 128, num_hidden_layers = 2, num_attention_heads = 2, \
+num_key_value_heads = 1 }}
+[data]
+path = "shards"
+batch_size = 2
+[schedule]
+steps = 2
+warmup_steps = 1
+[parallel]
+nproc_per_node = 1
+[prepare]
+mode = "pretrain"
+dataset = ["corpus.jsonl"]
+seq_len = 64
+""")
+    result = run([BIN / "pretrain", "@", "my.toml", "--log-every", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "step 2/2 loss" in result.stdout + result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl", "my.toml", "run", "shards"]
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["seq_len"] == 64
+    generation = json.loads((tmp_path / "run" / "export" / "generation_config.json").read_text())
+    assert generation["do_sample"] is True  # the end-of-run export samples, as `lacuna export` does
