@@ -152,7 +152,7 @@ class RemoteModel:
             raise ReplyError(f"{self.base_url} returned HTTP {error.status_code}: {_error_message(error.body)}{hint}"
                              ) from None
         except openai.APITimeoutError:
-            raise ReplyError(f"{self.base_url} did not answer in time") from None
+            raise ReplyError(f"{self.base_url} did not answer within 600 s: check the server's log") from None
         except openai.APIConnectionError:
             raise ReplyError(f"cannot reach {self.base_url}: is the server running? (`transformers serve DIR`)"
                              ) from None
