@@ -57,7 +57,11 @@ def environment() -> dict[str, Any]:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
+    from bench_train import compute_dtype
+
+    dtype, reason = compute_dtype()
+    return {"cpu": cpu, "dtype": dtype, "dtype_reason": reason, "cores": os.cpu_count(), "threads": THREADS,
+            "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
             "trl": trl.__version__, "load_average_start": os.getloadavg()}
 
@@ -72,15 +76,18 @@ def markdown(results: dict[str, Any]) -> str:
     """The human-readable table of every section's figures."""
     info = results["environment"]
     lines = [f"# lacuna benchmarks ({'quick' if results['quick'] else 'full'} run, {results['date']})", "",
-             f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads per framework; torch {info['torch']}, "
+             f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads per framework, computing in "
+             f"{info['dtype']} ({info['dtype_reason']}); torch {info['torch']}, "
              f"transformers {info['transformers']}, datasets {info['datasets']}, trl {info['trl']}. Load average "
              f"(1/5/15 min) {'/'.join(f'{x:.1f}' for x in info['load_average_start'])} at the start, "
              f"{'/'.join(f'{x:.1f}' for x in info['load_average_end'])} at the end. Took {results['seconds']:.0f} s.",
-             "", "| section | figure | measured | target | met | measured on |", "|---|---|---|---|---|---|"]
+             "", "| section | figure | measured | target | met | measured on | CPU, dtype |",
+             "|---|---|---|---|---|---|---|"]
     for section in SECTIONS:
         for row in results["sections"].get(section, {}).get("figures", []):
             met = {True: "yes", False: "**no**", None: ""}[row["met"]]
-            lines.append(f"| {section} | {row['figure']} | {row['shown']} | {row['target']} | {met} | {row['on']} |")
+            lines.append(f"| {section} | {row['figure']} | {row['shown']} | {row['target']} | {met} | {row['on']} | "
+                         f"{row.get('machine', '')} |")
     notes = [note for section in SECTIONS for note in results["sections"].get(section, {}).get("notes", [])]
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])) + "\n"
 
@@ -109,6 +116,8 @@ def main() -> None:
         print(f"== {section}", flush=True)
         section_started = time.perf_counter()
         results["sections"][section] = runners[section](arguments.quick, results["sections"])
+        for row in results["sections"][section]["figures"]:  # a figure kept from an earlier run keeps its machine
+            row["machine"] = f"{results['environment']['cpu']}, {results['environment']['dtype']}"
         results["sections"][section]["seconds"] = round(time.perf_counter() - section_started, 1)
         print(f"   {section} took {results['sections'][section]['seconds']:.0f} s", flush=True)
         results["seconds"] = time.perf_counter() - started

@@ -32,22 +32,31 @@ FRAMEWORKS = {"lacuna": "lacuna (packed rows, varlen attention, FSDP2)",
 # ----------------------------------------------------------------------------- peak
 
 
+def compute_dtype() -> tuple[str, str]:
+    """The dtype lacuna's `model.dtype = "auto"` picks on this CPU, and why: every framework computes in it."""
+    import torch
+
+    from lacuna.metrics import choose_dtype
+
+    return choose_dtype("auto", torch.device("cpu"))
+
+
 def matmul_flops(dtype: Any, size: int, repeats: int) -> float:
-    """Best-of matmul flops after one warm-up matmul (lacuna's own measurement, as the trainer uses for MFU)."""
+    """Best-of matmul flops up to `size` (lacuna's own measurement, as the trainer uses for MFU), best of `repeats`
+    runs of it; sizes that would take over ~20 s (emulated bf16) are not reached."""
     from lacuna.metrics import measure_matmul_flops
 
-    measure_matmul_flops(dtype, size, 1)
-    return measure_matmul_flops(dtype, size, repeats)
+    return max(measure_matmul_flops(dtype, seconds=20.0, largest=size) for _ in range(max(1, repeats // 3)))
 
 
 def peak(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
-    """The machine's matmul peak: the best of several 2048² and 4096² matmuls at 2 threads, bf16 and fp32."""
+    """The machine's matmul peak: the best square matmuls up to 4096² at 2 threads, bf16 and fp32."""
     import torch
 
-    repeats = 4 if quick else 8
-    raw = {name: max(matmul_flops(dtype, size, repeats) for size in (2048, 4096))
-           for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    on = f"square matmuls of 2048 and 4096, best of {repeats} each, {THREADS} threads"
+    repeats = 3 if quick else 6
+    raw = {name: matmul_flops(dtype, 4096, repeats) for name, dtype in (("bf16", torch.bfloat16),
+                                                                         ("fp32", torch.float32))}
+    on = f"square matmuls of 256 to 4096 (within ~20 s a size), best of {repeats} each, {THREADS} threads"
     figures = [figure(f"matmul peak {name}", value, f"{value / 1e12:.3f} TFLOPS", "", None, on)
                for name, value in raw.items()]
     return {"figures": figures, "raw": raw}
@@ -85,8 +94,8 @@ def train_with_lacuna(data: str, model: dict, warmup: int, steps: int, run_dir: 
     tokens = [real_tokens(shards.row(int(index))) for index in order[warmup:warmup + steps]]
     seconds = sum(record["step_seconds"] for record in records)
     # The peak again, right after training: the load on the shared cores may have changed since the peak section.
-    peak_now = max(matmul_flops(torch.bfloat16, size, 4) for size in (2048, 4096))
-    return {"seconds": seconds, "real_tokens": sum(tokens), "row_tokens": steps * shards.seq_len, "peak_bf16": peak_now,
+    peak_now = matmul_flops(getattr(torch, compute_dtype()[0]), 4096, 6)
+    return {"seconds": seconds, "real_tokens": sum(tokens), "row_tokens": steps * shards.seq_len, "peak": peak_now,
             "data_seconds": sum(record["data_wait_share"] * record["step_seconds"] for record in records),
             "logged_mfu": [record["mfu"] for record in records], "step_seconds": [r["step_seconds"] for r in records]}
 
@@ -111,7 +120,8 @@ def chat_dataset() -> Any:
 
 def train_with_hf(framework: str, data: str, model_overrides: dict, warmup: int, steps: int,
                   run_dir: str) -> dict[str, Any]:
-    """HF Trainer (padding) or TRL SFTTrainer on the same documents, model, init, optimizer and bf16 autocast."""
+    """HF Trainer (padding) or TRL SFTTrainer on the same documents, model, init, optimizer and compute dtype (bf16
+    autocast where lacuna computes in bf16)."""
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -144,7 +154,8 @@ def train_with_hf(framework: str, data: str, model_overrides: dict, warmup: int,
         return wrapped
 
     common = dict(output_dir=run_dir, max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=3e-4,
-                  lr_scheduler_type="constant", weight_decay=0.1, adam_beta2=0.95, bf16=True, use_cpu=True,
+                  lr_scheduler_type="constant", weight_decay=0.1, adam_beta2=0.95, use_cpu=True,
+                  bf16=compute_dtype()[0] == "bfloat16",
                   logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
                   dataloader_num_workers=0)
     if framework == "hf":
@@ -216,7 +227,7 @@ def train_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
     layers, hidden = SMALL_MODEL["num_hidden_layers"], SMALL_MODEL["hidden_size"]
     on = (f"chat.jsonl (2,026 real conversations, ChatML, assistant-only loss); Llama {layers}×{hidden} with the "
           f"SmolLM2 vocabulary, random init; {steps} optimizer steps after {warmup} warm-up, "
-          f"~{raw['lacuna']['real_tokens'] // steps:,} real tokens per step; bf16, {THREADS} threads")
+          f"~{raw['lacuna']['real_tokens'] // steps:,} real tokens per step; {compute_dtype()[0]}, {THREADS} threads")
     figures = [figure(f"train tokens/s: {FRAMEWORKS[framework]}", value, f"{value:,.0f} (supervised + context, no "
                       "padding)", "", None, on)
                for framework, value in speed.items()]
@@ -232,8 +243,9 @@ def train_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
         figures.append(figure("HF Trainer padding share", padding, f"{100 * padding:.1f} % of computed tokens", "",
                               None, f"batches of {raw['hf']['batch_documents']} random documents"))
     notes = ["train: each framework runs in its own fresh process with torch at 2 threads; all start from the same "
-             "seeded fp32 init and use fused AdamW with bf16 compute (lacuna: FSDP2 mixed precision; HF/TRL: "
-             "`bf16=True` autocast) and grad clipping 1.0. HF/TRL use transformers' sdpa attention (TRL padding-free "
+             f"seeded fp32 init and use fused AdamW computing in {compute_dtype()[0]} ({compute_dtype()[1]}; lacuna: "
+             "model.dtype auto, FSDP2 mixed precision; HF/TRL: `bf16=True` autocast when that is bf16) and grad "
+             "clipping 1.0. HF/TRL use transformers' sdpa attention (TRL padding-free "
              "gets its per-document mask from position_ids), lacuna its varlen sdpa. Tokens/s counts real, "
              "non-padding tokens; step times are wall time of steps after the warm-up. 1-minute load average at "
              "the end of each run (~2 = alone on the 2 cores): "
@@ -242,13 +254,15 @@ def train_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
 
 
 def mfu(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
-    """lacuna's MFU against the measured bf16 matmul peak, on a ~50 M model at seq_len 2048, eager and compiled."""
+    """lacuna's MFU against the measured matmul peak of the dtype it computes in, on a ~50 M model at seq_len 2048,
+    eager and compiled."""
     from bench_prepare import make_inputs
 
     from lacuna.config import load_config
     from lacuna.model import flops_per_token, model_configuration
 
-    peak_flops = previous["peak"]["raw"]["bf16"] if "peak" in previous else 0.0
+    dtype = compute_dtype()[0]
+    peak_flops = previous["peak"]["raw"][{"bfloat16": "bf16", "float32": "fp32"}[dtype]] if "peak" in previous else 0.0
     data = prepared("stdlib", "pretrain", make_inputs(quick)["stdlib"][1], MFU_SEQ_LEN)
     config = load_config(["--model-name", str(MODEL_FOLDER)])
     config.model.config_overrides = MFU_MODEL
@@ -258,12 +272,12 @@ def mfu(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
     figures, raw, notes = [], {"flops_per_token": flops}, []
     for framework, (warmup, steps) in runs.items():
         result = raw[framework] = run_trainer(framework, data, MFU_MODEL, warmup, steps)
-        peak_flops = max(peak_flops, result["peak_bf16"])  # the best measured so far: a conservative MFU
+        peak_flops = max(peak_flops, result["peak"])  # the best measured so far: a conservative MFU
         tokens_per_second = result["row_tokens"] / result["seconds"]
         value, share = flops * tokens_per_second / peak_flops, result["data_seconds"] / result["seconds"]
         on = (f"{FRAMEWORKS[framework]}; Llama {MFU_MODEL['num_hidden_layers']}×{MFU_MODEL['hidden_size']} "
               f"({parameters / 1e6:.1f} M matmul parameters incl. the tied 49,152-token head), stdlib pretrain rows "
-              f"of {MFU_SEQ_LEN}, 1 row per step, {steps} steps after {warmup} warm-up, bf16, {THREADS} threads")
+              f"of {MFU_SEQ_LEN}, 1 row per step, {steps} steps after {warmup} warm-up, {dtype}, {THREADS} threads")
         label = "compiled" if framework == "lacuna-compiled" else "eager, the default"
         achieved = f"{flops * tokens_per_second / 1e12:.3f} of {peak_flops / 1e12:.3f} TFLOPS"
         figures += [figure(f"MFU ({label})", value, f"{100 * value:.1f} % ({tokens_per_second:,.0f} tokens/s, "
@@ -274,8 +288,8 @@ def mfu(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
                      f"{100 * float(np.mean(result['logged_mfu'])):.1f} % (against its own peak, "
                      "metrics.measure_matmul_flops, measured in the training process); 1-minute load average at the "
                      f"end of the run {result['load_average']:.1f} (~2 = alone on the 2 cores).")
-    notes.append("mfu: the peak is the best bf16 matmul rate measured in this bench run (peak section, and again in "
-                 "each MFU process right after its training), so contention lowers MFU rather than inflating it.")
+    notes.append(f"mfu: the peak is the best {dtype} matmul rate measured in this bench run (peak section, and again "
+                 "in each MFU process right after its training), so contention lowers MFU rather than inflating it.")
     notes.append(f"mfu: FLOPs/token = 6·N + 12·layers·hidden·seq_len = {flops / 1e6:.0f} M (lacuna.model."
                  "flops_per_token, PaLM convention: attention over the full seq_len, overcounting causal attention).")
     return {"figures": figures, "raw": raw | {"peak": peak_flops}, "notes": notes}
