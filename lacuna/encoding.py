@@ -88,8 +88,8 @@ def chat_message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
     return converted, train and weight == 1
 
 
-def conversation(record: Any, messages_field: str, assistant_turns: str, where: str) -> Conversation:
-    """A record (a JSON line, or a dict of the dataset's columns) as a Conversation, with one-line errors."""
+def read_record(record: Any, field: str, where: str) -> tuple[dict[str, Any], Any]:
+    """A record (a JSON line, or a dict of the dataset's columns) and its `field` (ShareGPT: conversations)."""
     if isinstance(record, str):
         try:
             record = json.loads(record)
@@ -97,12 +97,17 @@ def conversation(record: Any, messages_field: str, assistant_turns: str, where: 
             raise LacunaError(f"{where}: malformed JSON ({error.msg}): fix or remove that line") from None
     if not isinstance(record, dict):
         raise LacunaError(f"{where}: expected a JSON object, got {type(record).__name__}: fix the record")
-    messages = record.get(messages_field)
-    if messages is None and messages_field == "messages":
-        messages = record.get("conversations")  # ShareGPT
-    if messages is None:
-        raise LacunaError(f"{where} has no field '{messages_field}' (fields: {', '.join(record)}): pass "
-                          "--messages-field NAME")
+    if field == "messages" and field not in record and "conversations" in record:
+        field = "conversations"
+    if field not in record:
+        raise LacunaError(f"{where} has no field '{field}' (fields: {', '.join(record)}): pass --text-field NAME "
+                          "(pretrain) or --messages-field NAME (sft)")
+    return record, record[field]
+
+
+def conversation(record: Any, messages_field: str, assistant_turns: str, where: str) -> Conversation:
+    """A record as a Conversation, with one-line errors."""
+    record, messages = read_record(record, messages_field, where)
     if not isinstance(messages, list) or not messages:
         raise LacunaError(f"{where}: expected a list of messages, got {type(messages).__name__}: fix the record")
     converted, trained = zip(*(chat_message(message, where) for message in messages), strict=True)
@@ -158,16 +163,17 @@ class Encoder:
     overlong: str
     dtype: np.dtype
     specs: list[str]
-    messages_field: str = "messages"
+    field: str = "messages"
     assistant_turns: str = "all"
     template_name: str = "(default)"
     renderer: Renderer | None = None
 
-    def pretrain_documents(self, records: list, where: str, first: int) -> tuple[np.ndarray, ...]:
-        for index, record in enumerate(records):
+    def pretrain_documents(self, numbered: list[tuple[int, Any]], where: str) -> tuple[np.ndarray, ...]:
+        records = [read_record(record, self.field, where.format(number))[1] for number, record in numbered]
+        for (number, _), record in zip(numbered, records, strict=True):
             if not isinstance(record, str):
-                raise LacunaError(f"{where.format(first + index + 1)}: text is {type(record).__name__}, not a "
-                                  "string: fix or remove the record")
+                raise LacunaError(f"{where.format(number)}: text is {type(record).__name__}, not a string: fix or "
+                                  "remove the record")
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # the same encode_batch transformers calls, minus its offsets and Python wrapping
             ids = [encoding.ids for encoding in backend.encode_batch_fast(records, add_special_tokens=False)]
@@ -184,16 +190,14 @@ class Encoder:
         tokens[is_text] = np.fromiter(chain.from_iterable(ids), self.dtype, count=int(is_text.sum()))
         return tokens, np.ones(len(tokens), np.uint8), lengths
 
-    def sft_documents(self, records: list, where: str, first: int, check: bool = False) -> tuple[Any, ...]:
+    def sft_documents(self, numbered: list[tuple[int, Any]], where: str, check: bool = False) -> tuple[Any, ...]:
         """Chat-template rendering with assistant spans, one batched tokenization, and the spans mapped to tokens as
         transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` does: a token is supervised when
         its character offsets overlap a span."""
         if self.renderer is None:
             variables = {**self.tokenizer.special_tokens_map, "documents": None, "add_generation_prompt": False}
             self.renderer = Renderer(self.template, variables)
-        numbered = [(first + index + 1, record) for index, record in enumerate(records)
-                    if not (isinstance(record, str) and not record.strip())]  # blank JSON lines hold no record
-        chats = [conversation(record, self.messages_field, self.assistant_turns, where.format(number))
+        chats = [conversation(record, self.field, self.assistant_turns, where.format(number))
                  for number, record in numbered]
         texts, spans, marked_texts, counts = [], [], [], Counter()
         for (number, _), chat in zip(numbered, chats, strict=True):
@@ -259,9 +263,11 @@ class Encoder:
     def __call__(self, batch: tuple[int, int, list]) -> tuple[Any, ...]:
         source_index, first, records = batch
         where = f"dataset '{self.specs[source_index]}' record #{{}}"
+        numbered = [(first + index + 1, record) for index, record in enumerate(records)
+                    if not (isinstance(record, str) and not record.strip())]  # blank JSON lines hold no record
         if self.mode == "pretrain":
-            return *self.finish(*self.pretrain_documents(records, where, first)), Counter()
-        tokens, masks, lengths, excluded, counts = self.sft_documents(records, where, first, first == 0 == source_index)
+            return *self.finish(*self.pretrain_documents(numbered, where)), Counter()
+        tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, first == 0 == source_index)
         return *self.finish(tokens, masks, lengths, excluded), counts
 
     def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None

@@ -190,8 +190,9 @@ def prepare(config: Config) -> dict[str, Any] | None:
     if world == 1:
         shutil.rmtree(partial, ignore_errors=True)
     (partial / "parts").mkdir(parents=True, exist_ok=True)
+    field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
     encoder = Encoder(settings.mode, tokenizer, template, settings.seq_len, settings.overlong, dtype,
-                      [source.spec for source in sources], settings.messages_field, settings.assistant_turns,
+                      [source.spec for source in sources], field, settings.assistant_turns,
                       str(settings.chat_template or "(default)"))
     markers = [partial / "parts" / f"part-{index:05d}.json" for index in range(world)]
     try:

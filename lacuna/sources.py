@@ -1,12 +1,9 @@
 """Where records come from: `--dataset` specs (local files, globs, folders, Hub names) read with datasets, and
-each process's contiguous slice of them in batches."""
+each process's contiguous slice of them in batches of records (JSON lines, or dicts of the dataset's columns)."""
 
 import glob
-import json
 from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,7 @@ class Source:
     weight: float | None
     files: list[Path] | None  # None: a Hub dataset
     dataset: Any = None
-    field: str = ""
-    columns: list[str] | None = None  # sft: records are dicts of these columns (None: JSON lines, or pretrain text)
+    lines: bool = False  # JSON Lines: records are the lines, parsed one by one (lacuna/encoding.py)
 
 
 
@@ -59,29 +55,7 @@ def local_files(spec: str) -> list[Path] | None:
     return files
 
 
-def malformed_json_line(files: list[Path]) -> str | None:
-    """`file:line: reason` for the first JSON line that does not parse (datasets' own error names neither)."""
-    for file in files:
-        text = file.read_text(encoding="utf-8")
-        if file.suffix == ".json":
-            try:
-                json.loads(text)
-                continue
-            except json.JSONDecodeError as error:
-                if error.msg != "Extra data":  # "Extra data": JSON Lines, checked below
-                    return f"{file}:{error.lineno}: malformed JSON ({error.msg})"
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                json.loads(line) if line.strip() else None
-            except json.JSONDecodeError as error:
-                return f"{file}:{number}: malformed JSON ({error.msg})"
-    return None
-
-
 def read_error(source: Source, error: Exception) -> LacunaError:
-    json_files = source.files and source.files[0].suffix in (".json", ".jsonl")
-    if json_files and (where := malformed_json_line(source.files)):
-        return LacunaError(f"{where}: fix or remove that line")
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     hint = "check the files" if source.files else "check the name, --subset, --split (offline: cached datasets only)"
     return LacunaError(f"cannot read dataset '{source.spec}' ({reason}): {hint}")
@@ -95,47 +69,22 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
             source.dataset = load_dataset(source.spec, settings.subset, split=settings.split,
                                           streaming=settings.streaming)
         else:
-            builder = LOCAL_BUILDERS[source.files[0].suffix]
-            if json_lines := builder == "json" and settings.mode == "sft" and all(
-                    file.suffix == ".jsonl" for file in source.files):
-                # each record is parsed from its own line (lacuna/encoding.py): pyarrow's columnar reading unifies
-                # struct types across records, adding the keys of one record's tool-call arguments to another's
-                # (as nulls) and reordering them, which a template would render
-                builder = "text"
-            options = {"sample_by": "document"} if builder == "text" and not json_lines else {}
-            read = partial(load_dataset, builder, data_files=[str(file) for file in source.files], split="train",
-                           streaming=settings.streaming, **options)
-            # pyarrow's JSON reader alone is several times faster than datasets' per-line pre-scan for mixed types,
-            # which only records that disagree on a field's type need (it then stores JSON text); a streamed
-            # dataset would fail only later, while reading, so it keeps the pre-scan, and so do chat records, whose
-            # structs it keeps apart
-            if builder == "json" and not settings.streaming and settings.mode == "pretrain":
-                with suppress(Exception):
-                    source.dataset = read(on_mixed_types=None)
-            if source.dataset is None:
-                source.dataset = read()
-            if json_lines:
-                source.field = "text"
-                return source
+            # JSON Lines are read as lines, each record parsed on its own: pyarrow's columnar reading unifies struct
+            # types across records, adding the keys of one record's tool-call arguments to another's (as nulls) and
+            # reordering them, which a chat template would render
+            source.lines = all(file.suffix == ".jsonl" for file in source.files)
+            builder = "text" if source.lines else LOCAL_BUILDERS[source.files[0].suffix]
+            options = {"sample_by": "document"} if builder == "text" and not source.lines else {}
+            source.dataset = load_dataset(builder, data_files=[str(file) for file in source.files], split="train",
+                                          streaming=settings.streaming, **options)
     except Exception as error:  # datasets raises many types; all mean "cannot read this source"
         raise read_error(source, error) from None
-    source.field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
-    columns = source.dataset.column_names  # None for some streamed Hub datasets: checked per batch instead
-    source.columns = [] if settings.mode == "sft" else None  # [] (columns unknown): records hold every column
-    if columns is not None:
-        if source.field == "messages" and "messages" not in columns and "conversations" in columns:
-            source.field = "conversations"  # ShareGPT
-        check_field(source, columns)
-        if settings.mode == "sft":  # a conversation's own template inputs come with it
-            source.columns = [source.field] + [name for name in ("tools", "chat_template_kwargs") if name in columns]
-        source.dataset = source.dataset.select_columns(source.columns or [source.field])
+    columns = source.dataset.column_names  # None for some streamed Hub datasets: records hold every column
+    if columns is not None and not source.lines:  # the record's field, and a conversation's own template inputs
+        field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
+        wanted = [name for name in columns if name in (field, "conversations", "tools", "chat_template_kwargs")]
+        source.dataset = source.dataset.select_columns(wanted or columns)
     return source
-
-
-def check_field(source: Source, columns: list[str]) -> None:
-    if source.field not in columns:
-        raise LacunaError(f"dataset '{source.spec}' has no field '{source.field}' (fields: {', '.join(columns)}): "
-                          "pass --text-field NAME (pretrain) or --messages-field NAME (sft)")
 
 
 def record_batches(source: Source, source_index: int, rank: int, world: int, workers: int
@@ -151,13 +100,9 @@ def record_batches(source: Source, source_index: int, rank: int, world: int, wor
         size = max(1, min(BATCH_SIZE, len(dataset) // (4 * workers)))
     try:
         for batch in dataset.iter(batch_size=size):
-            check_field(source, list(batch))
-            records = batch[source.field]
-            if source.columns is not None:
-                records = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            records = batch["text"] if source.lines else [dict(zip(batch, values, strict=True))
+                                                          for values in zip(*batch.values(), strict=True)]
             yield source_index, first, records
             first += len(records)
-    except LacunaError:
-        raise
     except Exception as error:
         raise read_error(source, error) from None
