@@ -12,6 +12,7 @@ import pytest
 from test_prepare import segments, write_jsonl
 
 from lacuna.assets import materialize
+from lacuna.errors import LacunaError
 from lacuna.prepare import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,7 +91,7 @@ def tool_records(parallel_calls: bool = True) -> list[dict]:
 
 def reference(tokenizer, template: str, record: dict, assistant_turns: str = "all") -> tuple[list[int], list[int]]:
     """transformers' tokens and assistant mask for a record, with the turns lacuna leaves out unmasked: a turn's
-    tokens are those between the conversation rendered up to it and rendered up to its end."""
+    tokens are those between the conversation rendered up to it and rendered up to the next (non-assistant) one."""
     messages = copy.deepcopy(record["messages"])
     for message in messages:  # lacuna's one normalisation: text parts joined
         if isinstance(message.get("content"), list):
@@ -108,8 +109,8 @@ def reference(tokenizer, template: str, record: dict, assistant_turns: str = "al
     for index in assistants:
         left_out = not messages[index].get("train", True) or messages[index].get("weight", 1) == 0
         if left_out or (assistant_turns == "last" and index != assistants[-1]):
-            start, end = len(encode(messages[:index])["input_ids"]), len(encode(messages[:index + 1])["input_ids"])
-            assert encode(messages[:index + 1])["input_ids"] == ids[:end]  # a turn's tokens are a prefix
+            start, end = len(encode(messages[:index])["input_ids"]), len(encode(messages[:index + 2])["input_ids"])
+            assert encode(messages[:index + 2])["input_ids"] == ids[:end]  # the history is a prefix
             mask[start:end] = [0] * (end - start)
     return ids, mask
 
@@ -159,3 +160,169 @@ def test_packaged_templates_equal_transformers_on_tool_and_reasoning_records(tmp
         multi_turn = sum(sum(m["role"] == "assistant" for m in record["messages"]) > 1 for record in records)
         assert conversations["multi_turn"] == multi_turn
         assert conversations["turns_excluded_last"] == (0 if assistant_turns == "all" else multi_turn - 8)
+
+
+# Qwen3's own way with reasoning, generation-tagged: reasoning is rendered only after the last user query, so an
+# earlier reply renders differently once a later user turn follows. Indented tags exercise trim/lstrip_blocks.
+STOCK_QWEN3_STYLE = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n# Tools\\n<tools>' }}
+    {%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+    {{- '\\n</tools><|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "user" or message.role == "system" %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content if message.content is string else '' %}
+        {%- set reasoning_content = message.reasoning_content if message.reasoning_content is string else '' %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- generation %}
+        {%- if loop.index0 > ns.last_query_index and reasoning_content %}
+            {{- '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls or [] %}
+            {%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}{{- tool_call.arguments }}
+            {%- else %}{{- tool_call.arguments | tojson(indent=2) }}{%- endif %}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>' }}
+        {%- endgeneration %}
+        {{- '\\n' }}
+    {%- elif message.role == "tool" %}
+        {{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+def test_any_generation_tagged_template_equals_transformers_and_prefix_warning(tmp_path: Path, tokenizers,
+                                                                               capfd: pytest.CaptureFixture) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers["chatml"])
+    template = tmp_path / "qwen3-stock-style.jinja"
+    template.write_text(STOCK_QWEN3_STYLE)
+    records = tool_records()
+    dataset = write_jsonl(tmp_path / "tools.jsonl", records)
+    manifest = prepare(tmp_path / "out", dataset, tokenizers["chatml"], "--chat-template", str(template))
+    expected = [reference(tokenizer, STOCK_QWEN3_STYLE, record) for record in records]
+    found = Counter((tuple(tokens.tolist()), tuple(mask.tolist())) for tokens, mask in segments(tmp_path / "out",
+                                                                                                "train"))
+    assert found == Counter((tuple(ids), (0, *mask[1:])) for ids, mask in expected if any(mask[1:]))
+    multi_turn = sum(sum(m["role"] == "assistant" for m in record["messages"]) > 1 for record in records)
+    warning = capfd.readouterr().err
+    assert f"qwen3-stock-style.jinja is not prefix-preserving: in 8 of the first {multi_turn} multi-turn" in warning
+    assert manifest["stats"]["conversations"]["not_prefix_preserving"] == 8
+    prepare(tmp_path / "last", dataset, tokenizers["chatml"], "--chat-template", str(template),
+            "--assistant-turns", "last")  # the turns before the last are told apart by the history before the last
+    expected = [reference(tokenizer, STOCK_QWEN3_STYLE, record, "last") for record in records]
+    found = Counter((tuple(tokens.tolist()), tuple(mask.tolist())) for tokens, mask in segments(tmp_path / "last",
+                                                                                                "train"))
+    assert found == Counter((tuple(ids), (0, *mask[1:])) for ids, mask in expected if any(mask[1:]))
+    counting = tmp_path / "counting.jinja"  # a history that changes with every turn: turns cannot be told apart
+    counting.write_text("{{ messages | length }}" + (Path(__file__).parents[1] / "lacuna/templates/chatml.jinja"
+                                                     ).read_text())
+    with pytest.raises(LacunaError, match=r"record #6: the chat template renders earlier turns differently"):
+        prepare(tmp_path / "left-out", dataset, tokenizers["chatml"], "--chat-template", str(counting))
+
+
+def test_end_of_turn_token_outside_the_generation_block_is_an_error(tmp_path: Path, tokenizers) -> None:
+    from lacuna.chat_templates import load_template
+
+    chatml = load_template(Path(__file__).parents[1] / "lacuna" / "templates" / "chatml.jinja", None)
+    outside = chatml.replace("{{- '<|im_end|>' -}}{%- endgeneration -%}", "{%- endgeneration -%}{{- '<|im_end|>' -}}")
+    assert outside != chatml
+    (tmp_path / "outside.jinja").write_text(outside)
+    dataset = write_jsonl(tmp_path / "tools.jsonl", tool_records())
+    with pytest.raises(LacunaError, match=r"chat template .*outside.jinja leaves the end-of-turn token <\|im_end\|> "
+                                          r"after an assistant reply outside its \{% generation %\} block"):
+        prepare(tmp_path / "out", dataset, tokenizers["chatml"], "--chat-template", str(tmp_path / "outside.jinja"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_sharegpt_function_calls_and_parquet_equal_openai_records(tmp_path: Path, tokenizers) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    records = [record for record in tool_records() if "tools" in record and isinstance(record["tools"], str)]
+    names = {"system": "system", "user": "human", "tool": "observation"}
+    sharegpt = []
+    for record in records:
+        turns = []
+        for message in record["messages"]:
+            if message["role"] == "assistant" and "tool_calls" in message:
+                turns.append({"from": "gpt", "value": message["content"]})
+                function = message["tool_calls"][0]["function"]
+                turns.append({"from": "function_call", "value": json.dumps(function)})
+            else:
+                turns.append({"from": names.get(message["role"], "gpt"), "value": message["content"]})
+        sharegpt.append({"conversations": turns, "tools": record["tools"]})
+    openai = []  # the same conversations as OpenAI messages: the call in its own assistant turn
+    for record, converted in zip(records, sharegpt, strict=True):
+        roles = {"human": "user", "gpt": "assistant", "observation": "tool", "system": "system"}
+        messages = [{"role": "assistant", "tool_calls": [{"type": "function", "function": json.loads(turn["value"])}]}
+                    if turn["from"] == "function_call" else {"role": roles[turn["from"]], "content": turn["value"]}
+                    for turn in converted["conversations"]]
+        openai.append({"messages": messages, "tools": record["tools"]})
+    first = prepare(tmp_path / "openai", write_jsonl(tmp_path / "openai.jsonl", openai), tokenizers["chatml"])
+    prepare(tmp_path / "sharegpt", write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt), tokenizers["chatml"])
+    table = pa.Table.from_pylist([{"messages": record["messages"], "tools": record["tools"]} for record in openai])
+    parquet.write_table(table, tmp_path / "openai.parquet")
+    prepare(tmp_path / "parquet", tmp_path / "openai.parquet", tokenizers["chatml"])
+    assert first["stats"]["documents"] == len(records) and first["stats"]["conversations"]["with_tools"] == len(records)
+    for name in (path.name for path in (tmp_path / "openai").iterdir() if path.suffix == ".npy"):
+        for other in ("sharegpt", "parquet"):
+            assert (tmp_path / "openai" / name).read_bytes() == (tmp_path / other / name).read_bytes(), other
+
+
+USER, REPLY = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+BAD_RECORDS = {
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                                 REPLY]}, "a user message has a 'image_url' content part, but lacuna trains text"),
+    "tool_calls not a list": ({"messages": [USER, {"role": "assistant", "tool_calls": {"name": "search"}}]},
+                              "tool_calls must be a list of function calls"),
+    "call without a name": ({"messages": [USER, {"role": "assistant", "tool_calls": [{"function": {}}]}]},
+                            "tool_calls must be a list of function calls"),
+    "function_call not JSON": ({"conversations": [{"from": "human", "value": "Hi"},
+                                                  {"from": "function_call", "value": "search(x)"}]},
+                               "tool_calls must be a list of function calls"),
+    "tool result first": ({"messages": [USER, {"role": "tool", "content": "42"}, REPLY]},
+                          r"the chat template fails on it \(TemplateError: a tool message must follow an assistant"),
+    "tools not JSON": ({"tools": "[{not json", "messages": [USER, REPLY]}, "tools is neither a list of JSON schemas"),
+    "tools an object": ({"tools": {"name": "search"}, "messages": [USER, REPLY]}, "tools is neither a list"),
+    "train not a flag": ({"messages": [USER, {**REPLY, "train": "no"}]}, "a message.s train must be true or false"),
+    "template variables": ({"chat_template_kwargs": "thinking", "messages": [USER, REPLY]},
+                           "chat_template_kwargs must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_records_name_the_record_and_write_nothing(tmp_path: Path, tokenizers, case: str) -> None:
+    record, message = BAD_RECORDS[case]
+    dataset = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [USER, REPLY]}] * 3 + [record])
+    with pytest.raises(LacunaError, match=rf"record #4: {message}"):
+        prepare(tmp_path / "out", dataset, tokenizers["chatml"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+def test_parallel_calls_on_llama3_and_every_turn_excluded_are_errors(tmp_path: Path, tokenizers) -> None:
+    parallel = {"messages": [USER, {"role": "assistant", "tool_calls": [call("a", {}), call("b", {})]}]}
+    dataset = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [USER, REPLY]}, parallel])
+    with pytest.raises(LacunaError, match="record #2: .*Llama 3 writes one tool call per assistant turn"):
+        prepare(tmp_path / "out", dataset, tokenizers["llama3"])
+    dataset = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [USER, {**REPLY, "weight": 0}]}] * 3)
+    with pytest.raises(LacunaError, match="no documents left .*every assistant turn left out"):
+        prepare(tmp_path / "out", dataset, tokenizers["chatml"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chat.jsonl"]
