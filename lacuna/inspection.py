@@ -51,7 +51,9 @@ def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[
                       f"{values['fill']:.2%}")
     console.print(table)
     console.print("overlong split {split:,}, truncated {truncated:,}, dropped {dropped:,}, empty masks {empty_mask:,}"
-                  .format(**stats))
+                  .format(**stats) + f", every turn left out {stats.get('all_turns_excluded', 0):,}")
+    if counted := stats.get("conversations"):  # sft: by kind, and the turns left out of the loss
+        console.print("conversations: " + ", ".join(f"{key.replace('_', ' ')} {n:,}" for key, n in counted.items()))
     for source in stats["sources"]:
         console.print(f"source {source['dataset']} (weight {source['weight']}): {source['documents']:,} documents, "
                       f"{source['train']:,} in train, {source['val']:,} in val")

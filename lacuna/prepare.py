@@ -153,7 +153,8 @@ def summary(manifest: dict[str, Any], out: Path, quiet: bool) -> None:
         from lacuna.inspection import print_report
 
         return print_report(manifest, out, None, None, "train", False)
-    keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask")
+    keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask",
+            "all_turns_excluded")
     print(f"wrote {out}: " + ", ".join(f"{key} {stats[key]:,}" for key in keys), flush=True)
 
 

@@ -90,3 +90,32 @@ def test_reader_rejects_what_training_must_not_use(prepared: Path, tmp_path: Pat
         inspect(copy, row=None, split="train", as_json=False, verify=False)
     with pytest.raises(LacunaError, match="does not exist"):
         open_shards(tmp_path / "nowhere")
+
+
+def test_row_shows_tool_calls_results_and_reasoning_with_supervised_spans(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    call = {"type": "function", "function": {"name": "search", "arguments": {"query": "sky"}}}
+    messages = [{"role": "user", "content": "Sky colour?"},
+                {"role": "assistant", "reasoning_content": "Look it up.", "tool_calls": [call]},
+                {"role": "tool", "content": "blue"}, {"role": "assistant", "content": "Blue.", "train": False},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
+    dataset = tmp_path / "tools.jsonl"
+    dataset.write_text(json.dumps({"messages": messages, "tools": [{"type": "function", "function": {
+        "name": "search", "parameters": {"type": "object"}}}]}) + "\n")
+    main(["sft", "--dataset", str(dataset), "--out", str(tmp_path / "out"), "--tokenizer",
+          str(DATA / "models" / "SmolLM2-config"), "--seq-len", "512", "--quiet"])
+    capsys.readouterr()
+    inspect(tmp_path / "out", row=0, split="train", as_json=True, verify=False)
+    report = json.loads(capsys.readouterr().out)
+    runs = report["segments"][0]["runs"]
+    assert [text for text, supervised in runs if supervised] == [
+        '<think>\nLook it up.\n</think>\n\n<tool_call>\n{"name": "search", "arguments": {"query": "sky"}}\n'
+        "</tool_call><|im_end|>", "Yes.<|im_end|>"]  # the reply marked train: false is context only
+    context = "".join(text for text, supervised in runs if not supervised)
+    assert "<tools>" in context and "<tool_response>\nblue\n</tool_response>" in context and "Blue." in context
+    counted = report["manifest"]["stats"]["conversations"]
+    assert (counted["with_tools"], counted["with_reasoning"], counted["multi_turn"]) == (1, 1, 1)
+    assert counted["turns_excluded_train_false"] == 1
+    inspect(tmp_path / "out", row=0, split="train", as_json=False, verify=False)
+    output = capsys.readouterr().out
+    assert "conversations: multi turn 1" in output and "turns excluded train false 1" in output
