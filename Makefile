@@ -6,7 +6,7 @@ LACUNA := $(VENV)/bin/lacuna
 STAMP := $(VENV)/.installed-stamp
 ASSETS := data/.assets-stamp
 
-.PHONY: setup test pretrain sft chat bench lint count-lines clean
+.PHONY: setup test pretrain sft chat bench gpu-check lint count-lines clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ chat: setup
 bench: setup
 	$(PYTHON) -c "import trl, accelerate" 2>/dev/null || $(PYTHON) -m pip install -q "trl==1.16.0" accelerate
 	$(PYTHON) pipelines/bench.py $(BENCH_ARGS)
+
+# One CUDA GPU, under 8 min: one table and data/bench/gpu_check.json (pipelines/gpu_check.py; its docstring has the
+# wheels and the command for a GPU machine without network). No set-up: .venv's python where there is one, else
+# python3. GPU_CHECK_ARGS=--prepare-only writes the data it needs (after `make setup`); --cpu-smoke: tiny, on CPU.
+gpu-check:
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) pipelines/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lacuna tests

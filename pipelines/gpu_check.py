@@ -1,0 +1,797 @@
+"""The prepared GPU check of issue #10: one CUDA GPU, under 8 minutes, one table, one JSON file.
+
+Parts (each catches its own failure and reports it in the table; the JSON is rewritten after every part):
+  a  `lacuna.attention.torch_varlen_forward` (torch's `varlen_attn`) against causal SDPA run per document, forward
+     and backward, bf16, mixed document lengths (1 to 1,988 tokens), grouped key/value heads; plus the graph breaks
+     that torch.compile finds in it. Pass: the error against an fp32 reference is at most twice that of bf16 SDPA,
+     plus one bf16 ulp of the largest reference value (flash-attention's own test rule).
+  b  liger's `liger_fused_linear_cross_entropy` (reduction sum, fp32 accumulation, ignore_index -100) against
+     `lacuna.model.ChunkedCrossEntropy` on the supervised rows: loss, hidden and weight gradients, same rule as a.
+  c  30 steps of a random-init Qwen3-0.6B-shaped model (hidden 1024, 28 layers, 16 heads, 8 key/value heads,
+     head_dim 128, intermediate 3072, tied embeddings; vocabulary 49,152 = the SmolLM2 tokenizer, not Qwen's
+     151,936) at seq_len 4096 on the packed stdlib corpus, through lacuna's real trainer (`python -m lacuna.train`,
+     one process), eager and with `--model.compile true`: tokens/s, MFU (the trainer's, against
+     lacuna.metrics.GPU_PEAK_TFLOPS), peak memory, and the attention, dtype and liger use it printed at start.
+  d  the eager run again in a subprocess, SIGKILLed once its step-10 checkpoint is complete, then rerun to step 30:
+     its losses against the uninterrupted eager run of c (pass: every step within 1e-3).
+
+Here, on the CPU machine (the device machine has no `datasets` and no network), once:
+    .venv/bin/python pipelines/gpu_check.py --prepare-only   # data/gpu_check/{model,shards}: ~10 MiB, travels
+    .venv/bin/python pipelines/gpu_check.py --cpu-smoke      # the same code paths, tiny and fp32 on CPU (~2 min)
+and the wheels of what the device machine lacks, at uv.lock's versions (`/.whl/` is in .gitignore): pydantic and
+its needs, tomli-w, liger-kernel, and transformers 5.24 with the regex it needs, since the machine's transformers
+5.17 has no 2-D boolean `logits_to_keep`, which lacuna.model.loss_sum passes (torch 2.11, triton 3.6, tokenizers
+0.23.2, huggingface-hub 1.33, jaxtyping, rich and numpy are there and do):
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+        typing-extensions==4.16.0 tomli-w==1.2.0 liger-kernel==0.8.5 transformers==5.24.0 regex==2026.11.19
+On the device machine (tool `run`, carry [".whl", "data/gpu_check"], timeout_s 600; this script stops its own
+parts after --budget seconds, 450 by default):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 pipelines/gpu_check.py \
+        --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
+The trainer logs land next to --out (gpu_check_logs/), so they come back with it.
+"""
+
+import argparse
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # lacuna from this checkout: the device machine has no editable install
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DATA = ROOT / "data" / "gpu_check"  # travels to the device machine: model/ (config.json + tokenizer), shards/
+WORK = ROOT / "data" / "gpu_check_runs"  # run folders and the smoke data: never carried
+TOKENIZER_SOURCE = ROOT / "data" / "models" / "SmolLM2-config"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+CORPUS = ROOT / "data" / "corpus" / "stdlib.jsonl"
+
+# Qwen3-0.6B's architecture (its config.json), with the SmolLM2 tokenizer's vocabulary and special tokens.
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "attention_bias": False,
+    "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
+    "tie_word_embeddings": True, "initializer_range": 0.02, "vocab_size": 49152, "bos_token_id": 1,
+    "eos_token_id": 2, "pad_token_id": 2, "use_cache": False,
+}
+TINY_QWEN3 = QWEN3_0_6B | {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_window_layers": 2}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one kind of run: the real check on a GPU, or the CPU smoke run of the same code."""
+
+    name: str
+    model: dict[str, Any]
+    data: Path
+    seq_len: int
+    documents: int | None  # corpus documents to prepare (None: all)
+    batch_size: int
+    steps: int
+    checkpoint_every: int
+    attention_shapes: tuple[tuple[int, int, int], ...]  # (heads, key/value heads, head_dim)
+    document_lengths: tuple[int, ...]
+    loss_tokens: int
+    loss_hidden: int
+    loss_vocabulary: int
+    trainer_options: tuple[str, ...] = ()
+    run_seconds: dict[str, float] = field(default_factory=dict)  # the most each trainer run may take
+
+
+GPU = Scale("gpu", QWEN3_0_6B, DATA, seq_len=4096, documents=None, batch_size=4, steps=30, checkpoint_every=10,
+            attention_shapes=((16, 8, 128), (9, 3, 64)),  # Qwen3-0.6B and SmolLM2-135M
+            document_lengths=(1, 2, 17, 64, 128, 128, 255, 513, 1000, 1988),  # 4096: odd, equal, single tokens
+            loss_tokens=8192, loss_hidden=1024, loss_vocabulary=49152,
+            run_seconds={"eager": 200, "killed": 150, "resumed": 200, "compiled": 330})
+SMOKE = Scale("cpu-smoke", TINY_QWEN3, WORK / "smoke-data", seq_len=256, documents=120, batch_size=2, steps=12,
+              checkpoint_every=4, attention_shapes=((4, 2, 16),), document_lengths=(1, 2, 17, 64, 64, 108),
+              loss_tokens=256, loss_hidden=64, loss_vocabulary=1000,
+              trainer_options=("--model.dtype", "float32", "--log.peak-tflops", "1"),  # no 2 s matmul probe
+              run_seconds={"eager": 180, "killed": 180, "resumed": 180, "compiled": 400})
+
+
+class Skip(Exception):
+    """A part that cannot run here; its message is the reason."""
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    part: str
+    check: str
+    result: str
+    limit: str = ""
+    status: str = "info"  # pass, fail, info, skip or error
+
+
+@dataclass
+class Report:
+    """Everything measured, written to JSON after every part and printed as one table at the end."""
+
+    path: Path
+    environment: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    def write(self) -> None:
+        """Rewrite the JSON file (atomically: a run cut short still leaves the parts done so far)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        document = {"environment": self.environment, "status": self.status(),
+                    "rows": [asdict(row) for row in self.rows], "parts": self.parts}
+        temporary.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        os.replace(temporary, self.path)
+
+    def status(self) -> str:
+        """fail if any check failed or errored, else pass (skipped parts do not count)."""
+        return "fail" if any(row.status in ("fail", "error") for row in self.rows) else "pass"
+
+    def print_table(self) -> None:
+        """The table, with rich where it is installed."""
+        headers = ("part", "check", "result", "limit", "status")
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            widths = [max(len(header), *(len(str(getattr(row, header))) for row in self.rows)) for header in headers]
+            for values in [headers, *((getattr(row, header) for header in headers) for row in self.rows)]:
+                print("  ".join(str(value).ljust(width) for value, width in zip(values, widths, strict=True)))
+            return
+        table = Table(title=f"lacuna GPU check ({self.environment.get('device')}): {self.status()}")
+        for header in headers:
+            table.add_column(header, overflow="fold")
+        colours = {"pass": "green", "fail": "red", "error": "red", "skip": "yellow", "info": ""}
+        for row in self.rows:
+            table.add_row(row.part, row.check, row.result, row.limit,
+                          f"[{colours[row.status]}]{row.status}[/]" if colours[row.status] else row.status)
+        Console(width=160).print(table)
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------- data and model folders
+
+
+def write_model_folder(folder: Path, model_config: dict[str, Any], with_tokenizer: bool = True) -> Path:
+    """A config-only model folder (random init in the trainer), with the SmolLM2 tokenizer files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if with_tokenizer:
+            shutil.copy(TOKENIZER_SOURCE / name, folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def prepare(scale: Scale) -> None:
+    """`scale.data`/model and `scale.data`/shards (`lacuna prepare pretrain --seq-len N`); kept when already there."""
+    model = write_model_folder(scale.data / "model", scale.model)
+    shards = scale.data / "shards"
+    manifest = shards / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["seq_len"] == scale.seq_len:
+        log(f"{shards} is already prepared (seq_len {scale.seq_len})")
+        return
+    from lacuna.prepare import main as prepare_main  # needs `datasets`: this runs on the CPU machine
+
+    dataset = CORPUS
+    if scale.documents is not None:  # the smoke run: the first documents only
+        dataset = scale.data / "corpus.jsonl"
+        with CORPUS.open() as source:
+            dataset.write_text("".join(line for _, line in zip(range(scale.documents), source, strict=False)))
+    log(f"preparing {shards} from {dataset} (seq_len {scale.seq_len})")
+    prepare_main(["pretrain", "--dataset", str(dataset), "--tokenizer", str(model), "--seq-len", str(scale.seq_len),
+                  "--out", str(shards), "--overwrite", "--quiet"])
+
+
+def trainer_model_folder(scale: Scale, notes: list[str]) -> Path:
+    """The model folder the trainer gets. Where this machine's tokenizers library serialises the tokenizer
+    differently from the one that prepared the shards (their recorded hash then differs), a copy without the
+    tokenizer files: the trainer then checks the vocabulary size only."""
+    from transformers import AutoTokenizer
+
+    from lacuna.shards import tokenizer_hash
+
+    model = scale.data / "model"
+    recorded = json.loads((scale.data / "shards" / "manifest.json").read_text())["tokenizer"]["hash"]
+    if tokenizer_hash(AutoTokenizer.from_pretrained(str(model))) == recorded:
+        return model
+    notes.append("the tokenizer hash differs from the shards' (another tokenizers version): model folder without "
+                 "tokenizer files, vocabulary check only")
+    config = json.loads((model / "config.json").read_text())
+    return write_model_folder(WORK / "model-without-tokenizer", config, with_tokenizer=False)
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def maximum_error(left: torch.Tensor, right: torch.Tensor) -> float:
+    return (left.float() - right.float()).abs().max().item()
+
+
+def compare(part: str, check: str, tested: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor,
+            ulp_dtype: torch.dtype, tested_name: str, reference_name: str) -> tuple[Row, dict[str, float]]:
+    """Row for one tensor: pass when |tested − truth| ≤ 2·|reference − truth| + one `ulp_dtype` eps of max |truth|."""
+    tested_error, reference_error = maximum_error(tested, truth), maximum_error(reference, truth)
+    limit = 2 * reference_error + torch.finfo(ulp_dtype).eps * truth.float().abs().max().item()
+    figures = {"vs_reference": maximum_error(tested, reference), "tested_vs_fp32": tested_error,
+               "reference_vs_fp32": reference_error, "limit_vs_fp32": limit}
+    row = Row(part, check, f"{figures['vs_reference']:.2e} vs {reference_name}; vs fp32: {tested_name} "
+              f"{tested_error:.2e}, {reference_name} {reference_error:.2e}", f"≤ {limit:.2e} vs fp32",
+              "pass" if math.isfinite(tested_error) and tested_error <= limit else "fail")
+    return row, figures
+
+
+def forward_backward(function: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+                     grad_output: torch.Tensor | None) -> list[torch.Tensor]:
+    """The output of `function` on fresh leaf copies of `inputs`, then the gradients of those inputs."""
+    leaves = [tensor.detach().clone().requires_grad_(True) for tensor in inputs]
+    output = function(*leaves)
+    output.backward(None if grad_output is None else grad_output.to(output.dtype))
+    return [output.detach(), *(leaf.grad for leaf in leaves)]
+
+
+# ----------------------------------------------------------------------------- part a: attention
+
+
+def per_document_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: tuple[int, ...],
+                      scale: float) -> torch.Tensor:
+    """The reference: causal SDPA on every document alone; [1, heads, total, dim] in, [1, total, heads, dim] out."""
+    outputs, start = [], 0
+    for length in lengths:
+        window = slice(start, start + length)
+        outputs.append(F.scaled_dot_product_attention(query[:, :, window], key[:, :, window], value[:, :, window],
+                                                      is_causal=True, scale=scale, enable_gqa=True))
+        start += length
+    return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def graph_breaks(device: torch.device) -> tuple[int, list[str]]:
+    """Graph breaks torch.compile finds in `torch_varlen_forward` (on the meta device where there is no CUDA: the
+    op's fake implementation stands in for the kernel, so this runs on a CPU too)."""
+    from lacuna.attention import torch_varlen_forward
+
+    device = device if device.type == "cuda" else torch.device("meta")
+    module = torch.nn.Module()
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: torch.Tensor,
+               longest: int) -> torch.Tensor:
+        return torch_varlen_forward(module, query, key, value, None, scaling=0.125, cu_seq_lens_q=boundaries,
+                                    max_length_q=longest)[0]
+
+    query = torch.randn(1, 16, 256, 64, device=device, dtype=torch.bfloat16)
+    key = torch.randn(1, 8, 256, 64, device=device, dtype=torch.bfloat16)
+    boundaries = torch.tensor([0, 100, 256], dtype=torch.int32, device=device)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(attend)(query, key, key, boundaries, 156)
+    torch._dynamo.reset()
+    return explanation.graph_break_count, [str(reason.reason)[:300] for reason in explanation.break_reasons]
+
+
+def attention_case(function: Callable, name: str, dtype: torch.dtype, device: torch.device, lengths: tuple[int, ...],
+                   heads: int, kv_heads: int, head_dim: int) -> tuple[list[Row], dict[str, Any]]:
+    """Output and q/k/v gradients of one attention function on one packed row of documents, against SDPA run per
+    document in the same dtype and in a higher one (the truth)."""
+    total, cuda = sum(lengths), device.type == "cuda"
+    boundaries = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
+    generator = torch.Generator().manual_seed(heads * 1000 + head_dim)
+    inputs = [torch.randn(1, count, total, head_dim, generator=generator).to(device)
+              for count in (heads, kv_heads, kv_heads)]
+    grad_output = torch.randn(1, total, heads, head_dim, generator=generator).to(device)
+    softmax_scale, module = head_dim**-0.5, torch.nn.Module()
+
+    def tested(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return function(module, query, key, value, None, scaling=softmax_scale, dropout=0.0,
+                        cu_seq_lens_q=boundaries, max_length_q=max(lengths))[0]
+
+    def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return per_document_sdpa(query, key, value, lengths, softmax_scale)
+
+    low = [tensor.to(dtype) for tensor in inputs]
+    results = forward_backward(tested, low, grad_output)
+    references = forward_backward(reference, low, grad_output)
+    truths = forward_backward(reference, inputs if cuda else [tensor.double() for tensor in inputs], grad_output)
+    rows, details = [], {}
+    for label, result, expected, truth in zip(("output", "grad q", "grad k", "grad v"), results, references, truths,
+                                              strict=True):
+        row, details[label] = compare("a", f"{label} ({heads}/{kv_heads} heads, dim {head_dim})", result, expected,
+                                      truth, dtype, name, f"{dtype_name(dtype)} SDPA")
+        rows.append(row)
+    return rows, details
+
+
+def part_attention(scale: Scale, device: torch.device) -> tuple[list[Row], dict[str, Any]]:
+    """Part a. On CPU (the smoke run) lacuna's `varlen_sdpa_forward` stands in for varlen_attn, in fp32."""
+    from lacuna import attention
+
+    details: dict[str, Any] = {}
+    rows: list[Row] = []
+    cuda = device.type == "cuda"
+    if cuda:
+        if attention.torch_varlen_attention() is None:
+            raise Skip(f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)")
+        function, name, dtype = attention.torch_varlen_forward, "varlen_attn", torch.bfloat16
+        parameters = set(inspect.signature(attention.torch_varlen_attention()).parameters)
+        options, grouped = attention.causal_options(parameters)
+        details["varlen_attn_options"] = {"causal": {key: str(value) for key, value in options.items()},
+                                          "grouped_kv_in_kernel": grouped}
+        rows.append(Row("a", "varlen_attn call", f"{options}; "
+                        f"{'GQA in the kernel' if grouped else 'GQA by repeat_interleave'}"))
+    else:
+        function, name, dtype = attention.varlen_sdpa_forward, "varlen_sdpa (CPU stand-in)", torch.float32
+    for heads, kv_heads, head_dim in scale.attention_shapes:
+        shape_rows, figures = attention_case(function, name, dtype, device, scale.document_lengths, heads, kv_heads,
+                                             head_dim)
+        rows += shape_rows
+        details[f"{heads}/{kv_heads} heads, dim {head_dim}"] = figures
+    details["document_lengths"] = list(scale.document_lengths)
+    count, reasons = graph_breaks(device)
+    details["graph_breaks"] = {"count": count, "reasons": reasons}
+    rows.append(Row("a", "torch.compile graph breaks in torch_varlen_forward" + ("" if cuda else " (meta device)"),
+                    str(count) + (f": {reasons[0][:80]}" if reasons else ""), "0", "pass" if count == 0 else "fail"))
+    return rows, details
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, str(dtype))
+
+
+# ----------------------------------------------------------------------------- part b: fused cross-entropy
+
+
+def part_cross_entropy(scale: Scale, device: torch.device) -> tuple[list[Row], dict[str, Any]]:
+    """Part b. On CPU (the smoke run) an unfused fp32 cross-entropy stands in for liger's."""
+    from lacuna.model import ChunkedCrossEntropy
+
+    cuda = device.type == "cuda"
+    if cuda:
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise Skip("liger-kernel is not installed: carry liger_kernel-0.8.5-py3-none-any.whl (this docstring)")
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum",
+                                                    accum_dtype=torch.float32, ignore_index=-100).float()
+
+        name, dtype = f"liger {importlib.metadata.version('liger-kernel')}", torch.bfloat16
+    else:
+        def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum", ignore_index=-100)
+
+        name, dtype = "unfused CE (CPU stand-in)", torch.float32
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocabulary = scale.loss_tokens, scale.loss_hidden, scale.loss_vocabulary
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    weight = torch.randn(vocabulary, hidden_size, generator=generator) * hidden_size**-0.5 * 2  # logits ~ N(0, 4)
+    targets = torch.randint(vocabulary, (tokens,), generator=generator)
+    targets[torch.rand(tokens, generator=generator) < 0.25] = -100  # a quarter not supervised
+    targets = targets.to(device)
+    supervised = targets != -100
+
+    def chunked(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # as lacuna.model.loss_sum calls it
+        return ChunkedCrossEntropy.apply(hidden[supervised], weight, targets[supervised], True)
+
+    def exact(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(hidden @ weight.T, targets, reduction="sum", ignore_index=-100)
+
+    low = [tensor.to(device, dtype) for tensor in (hidden, weight)]
+    results = forward_backward(lambda hidden, weight: fused(hidden, weight, targets), low, None)
+    references = forward_backward(chunked, low, None)
+    truth_dtype = torch.float32 if cuda else torch.float64
+    truths = forward_backward(exact, [tensor.to(device, truth_dtype) for tensor in (hidden, weight)], None)
+    rows, details = [], {"tokens": tokens, "supervised": int(supervised.sum()), "hidden": hidden_size,
+                         "vocabulary": vocabulary}
+    for label, result, expected, truth in zip(("loss (sum)", "grad hidden", "grad weight"), results, references,
+                                              truths, strict=True):
+        ulp = torch.float32 if label.startswith("loss") else dtype  # the loss is accumulated in fp32
+        row, figures = compare("b", label, result, expected, truth, ulp, name, "ChunkedCrossEntropy")
+        rows.append(row)
+        details[label] = figures
+    ignored = results[1][~supervised].abs().max().item() if (~supervised).any() else 0.0
+    rows.append(Row("b", "grad hidden at ignored (-100) rows", f"{ignored:.1e}", "0",
+                    "pass" if ignored == 0 else "fail"))
+    details["loss"] = {"tested": results[0].item(), "reference": references[0].item(), "fp32": truths[0].item()}
+    return rows, details
+
+
+# ----------------------------------------------------------------------------- parts c and d: the trainer
+
+
+@dataclass
+class TrainerRun:
+    """One `python -m lacuna.train` subprocess and what it left."""
+
+    name: str
+    run_dir: Path
+    log_path: Path
+    return_code: int | None = None
+    wall_seconds: float = 0.0
+    killed_at_step: int | None = None
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def start_line(self) -> dict[str, Any]:
+        """The dtype, attention and liger use the trainer printed at start."""
+        match = re.search(r"^compute dtype (\S+) \((.*)\), attention (\S+?)(, liger)?\s*$", self.output, re.M)
+        if match is None:
+            return {}
+        return {"dtype": match[1], "dtype_reason": match[2], "attention": match[3], "liger": bool(match[4])}
+
+    def failure(self) -> str:
+        """Why the run did not finish (its last error line), or ''."""
+        if self.return_code == 0:
+            return ""
+        lines = [line for line in self.output.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:") or "Error" in line]
+        cause = (errors or lines or ["no output"])[-1].strip()[:300]
+        return f"exit code {self.return_code}: {cause} (log {self.log_path})"
+
+    def summary(self, steady_after: int) -> dict[str, Any]:
+        """Throughput and memory over the steady steps (after compilation and warm-up), and the loss curve."""
+        records = self.records
+        steady = [record for record in records if record["step"] > steady_after] or records
+        median = lambda key: statistics.median(record[key] for record in steady) if steady else None  # noqa: E731
+        return {"return_code": self.return_code, "wall_seconds": round(self.wall_seconds, 1),
+                "steps_logged": len(records), "tokens_per_second": median("tokens_per_second"),
+                "mfu": median("mfu"), "step_seconds": median("step_seconds"),
+                "first_step_seconds": records[0]["step_seconds"] if records else None,
+                "memory_gib": max((record["memory_gib"] for record in records), default=None),
+                "losses": {record["step"]: record["loss"] for record in records}, **self.start_line(),
+                "log_tail": self.output[-3000:]}
+
+
+class Trainer:
+    """Runs lacuna's trainer in subprocesses for parts c and d, within the check's time budget."""
+
+    def __init__(self, scale: Scale, model: Path, logs: Path, deadline: float) -> None:
+        self.scale, self.model, self.logs, self.deadline = scale, model, logs, deadline
+        self.runs: dict[str, TrainerRun] = {}
+        self.environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            part for part in (str(ROOT), os.environ.get("PYTHONPATH", "")) if part),
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1"}
+
+    def arguments(self, run_dir: Path, compiled: bool, checkpoints: bool) -> list[str]:
+        """The same run each time; `checkpoints`: every checkpoint_every steps (the run part d kills), else only at
+        the last step (each is ~6 GB at 0.6B parameters, seconds to write; checkpointing changes no loss)."""
+        scale = self.scale
+        return ["--data", str(scale.data / "shards"), "--model-name", str(self.model), "--run-dir", str(run_dir),
+                "--steps", str(scale.steps), "--warmup-steps", str(max(scale.steps // 6, 1)),
+                "--batch-size", str(scale.batch_size), "--log-every", "1",
+                "--checkpoint-every", str(scale.checkpoint_every if checkpoints else 0), "--checkpoint.keep", "1",
+                "--checkpoint.export", "false", *scale.trainer_options,
+                *(["--model.compile", "true"] if compiled else [])]
+
+    def seconds_left(self, name: str) -> float:
+        left = self.deadline - time.monotonic()
+        if left < 20:
+            raise Skip(f"the time budget (--budget) is spent: no time left for the {name} run")
+        return min(left, self.scale.run_seconds[name])
+
+    def start(self, name: str, run_dir: Path, compiled: bool, resume: bool,
+              checkpoints: bool) -> tuple[TrainerRun, subprocess.Popen]:
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: `--resume latest` must find nothing
+        self.logs.mkdir(parents=True, exist_ok=True)
+        run = TrainerRun(name, run_dir, self.logs / f"{name}.log")
+        command = [sys.executable, "-m", "lacuna.train", *self.arguments(run_dir, compiled, checkpoints)]
+        log(f"trainer {name}: {' '.join(command[1:])}")
+        with run.log_path.open("w") as output:
+            process = subprocess.Popen(command, cwd=ROOT, env=self.environment, stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        return run, process
+
+    def finish(self, run: TrainerRun, process: subprocess.Popen, started: float, seconds: float) -> TrainerRun:
+        try:
+            run.return_code = process.wait(timeout=max(seconds - (time.monotonic() - started), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            run.return_code = -signal.SIGKILL
+            with run.log_path.open("a") as output:
+                output.write(f"\nerror: gpu_check stopped this run after its {seconds:.0f} s limit\n")
+        run.wall_seconds = time.monotonic() - started
+        self.runs[run.name] = run
+        log(f"trainer {run.name}: exit code {run.return_code} after {run.wall_seconds:.0f} s")
+        return run
+
+    def run(self, name: str, compiled: bool = False, resume_from: TrainerRun | None = None) -> TrainerRun:
+        """One whole trainer run, or the rest of `resume_from`'s (in its run folder); reused when it already ran."""
+        if name in self.runs:
+            return self.runs[name]
+        seconds = self.seconds_left(name)
+        started = time.monotonic()
+        run_dir = resume_from.run_dir if resume_from else WORK / "runs" / name
+        run, process = self.start(name, run_dir, compiled, resume=resume_from is not None, checkpoints=False)
+        return self.finish(run, process, started, seconds)
+
+    def killed(self) -> TrainerRun:
+        """The eager run, SIGKILLed (with everything it started) once its first checkpoint is complete."""
+        seconds = self.seconds_left("killed")
+        started = time.monotonic()
+        run, process = self.start("killed", WORK / "runs" / "killed", compiled=False, resume=False, checkpoints=True)
+        checkpoint = run.run_dir / "checkpoints" / f"step-{self.scale.checkpoint_every:08d}" / "meta.json"
+        while process.poll() is None and not checkpoint.is_file() and time.monotonic() - started < seconds:
+            time.sleep(0.02)
+        if process.poll() is not None:
+            self.finish(run, process, started, seconds)
+            raise RuntimeError(f"the run ended (exit code {run.return_code}) before its step-"
+                               f"{self.scale.checkpoint_every} checkpoint could be killed: {run.failure()}")
+        os.killpg(process.pid, signal.SIGKILL)
+        run = self.finish(run, process, started, seconds)
+        if not checkpoint.is_file():
+            raise RuntimeError(f"no complete step-{self.scale.checkpoint_every} checkpoint within {seconds:.0f} s "
+                               f"(log {run.log_path})")
+        run.killed_at_step = max((record["step"] for record in run.records), default=0)
+        return run
+
+    def clean(self, run: TrainerRun) -> None:
+        """Drop a finished run's checkpoints (~6 GB each at 0.6B parameters): the disk is 64 GiB."""
+        shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
+
+
+def run_rows(part: str, label: str, summary: dict[str, Any], expected: dict[str, Any], steps: int,
+             vocabulary: int) -> list[Row]:
+    """Rows for one finished trainer run of part c."""
+    complete = summary["steps_logged"] == steps
+    rows = [Row(part, f"{label}: steps", f"{summary['steps_logged']} in {summary['wall_seconds']:.0f} s "
+                f"(first step {summary['first_step_seconds'] or 0:.1f} s)", str(steps), "pass" if complete else "fail")]
+    if summary["tokens_per_second"] is not None:
+        rows += [Row(part, f"{label}: tokens/s (median, steady steps)", f"{summary['tokens_per_second']:,.0f}"),
+                 Row(part, f"{label}: MFU (trainer's)", f"{100 * summary['mfu']:.1f} %"),
+                 Row(part, f"{label}: peak memory", f"{summary['memory_gib']:.2f} GiB")]
+    used = {key: summary.get(key) for key in expected}
+    rows.append(Row(part, f"{label}: dtype / attention / liger", " / ".join(str(value) for value in used.values()),
+                    " / ".join(str(value) for value in expected.values()), "pass" if used == expected else "fail"))
+    losses = summary["losses"]
+    if 1 in losses:  # random init: nearly uniform predictions, so the first loss is about ln(vocabulary)
+        first, uniform = losses[1], math.log(vocabulary)
+        rows.append(Row(part, f"{label}: step-1 loss vs ln(vocabulary)", f"{first:.4f} vs {uniform:.4f}",
+                        "within 1.0", "pass" if abs(first - uniform) <= 1.0 else "fail"))
+    if complete:
+        rows.append(Row(part, f"{label}: loss at step {steps}", f"{losses[steps]:.4f}"))
+    return rows
+
+
+def expected_start(device: torch.device) -> dict[str, Any]:
+    """The dtype, attention and liger use that lacuna should pick by itself on this device."""
+    if device.type != "cuda":
+        return {"dtype": "float32", "attention": "lacuna_varlen_sdpa", "liger": False}
+    from lacuna import attention
+
+    torch_varlen = attention.torch_varlen_attention() is not None
+    return {"dtype": "bfloat16", "attention": attention.TORCH_VARLEN_NAME if torch_varlen else attention.NAME,
+            "liger": importlib.util.find_spec("liger_kernel") is not None}
+
+
+def part_training(trainer: Trainer, device: torch.device, name: str) -> tuple[list[Row], dict[str, Any]]:
+    """Part c: one trainer run, `eager` (also part d's uninterrupted reference) or `compiled`."""
+    scale = trainer.scale
+    run = trainer.run(name, compiled=name == "compiled")
+    summary = run.summary(steady_after=scale.steps // 3)
+    trainer.clean(run)  # part d restarts a run of its own: no checkpoint is needed again
+    rows = [Row("c", f"{name} run", run.failure(), status="error")] if run.return_code != 0 else []
+    rows += run_rows("c", name, summary, expected_start(device), scale.steps, scale.model["vocab_size"])
+    if name == "compiled" and "eager" in trainer.runs:
+        eager = {record["step"]: record["loss"] for record in trainer.runs["eager"].records}
+        shared = set(eager) & set(summary["losses"])
+        if shared:
+            gap = max(abs(eager[step] - summary["losses"][step]) for step in shared)
+            rows.append(Row("c", "max |loss eager − loss compiled|", f"{gap:.2e} over {len(shared)} steps"))
+    return rows, summary
+
+
+def part_resume(trainer: Trainer) -> tuple[list[Row], dict[str, Any]]:
+    """Part d: kill after the first checkpoint, resume, compare every step's loss with the uninterrupted run."""
+    scale = trainer.scale
+    reference = trainer.run("eager")
+    trainer.clean(reference)
+    if reference.return_code != 0:
+        raise RuntimeError(f"no uninterrupted reference: the eager run failed ({reference.failure()})")
+    killed = trainer.killed()
+    resumed = trainer.run("resumed", resume_from=killed)
+    trainer.clean(resumed)
+    if resumed.return_code != 0:
+        raise RuntimeError(f"the resumed run failed: {resumed.failure()}")
+    match = re.search(r"^resumed from (\S+) at step (\d+)", resumed.output, re.M)
+    resumed_step = int(match[2]) if match else None
+    expected_losses = {record["step"]: record["loss"] for record in reference.records}
+    losses = {record["step"]: record["loss"] for record in resumed.records}
+    every = scale.checkpoint_every
+    before = [abs(losses[step] - expected_losses[step]) for step in range(1, every + 1) if step in losses]
+    after = [abs(losses[step] - expected_losses[step]) for step in range(every + 1, scale.steps + 1)
+             if step in losses and step in expected_losses]
+    complete = len(after) == scale.steps - every
+    gap = max(after, default=math.inf)
+    rows = [Row("d", "SIGKILL after the first checkpoint", f"at step {killed.killed_at_step} (checkpoint {every})"),
+            Row("d", "resumed from step", str(resumed_step), str(every), "pass" if resumed_step == every else "fail"),
+            Row("d", f"max |Δ loss| steps {every + 1}–{scale.steps}, resumed vs uninterrupted",
+                f"{gap:.2e} over {len(after)} steps", "≤ 1e-3", "pass" if complete and gap <= 1e-3 else "fail"),
+            Row("d", f"max |Δ loss| steps 1–{every}, before the kill (run-to-run noise)",
+                f"{max(before, default=math.nan):.2e}")]
+    details = {"killed_at_step": killed.killed_at_step, "resumed_from_step": resumed_step,
+               "max_loss_gap_after_resume": gap, "max_loss_gap_before_kill": max(before, default=None),
+               "losses": losses, "reference_losses": expected_losses,
+               "killed": killed.summary(scale.steps // 3), "resumed": resumed.summary(scale.steps // 3)}
+    return rows, details
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return f"CPU {model or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def describe_environment(device: torch.device, scale: Scale) -> dict[str, Any]:
+    from lacuna.metrics import GPU_PEAK_TFLOPS
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    environment: dict[str, Any] = {
+        "scale": scale.name, "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, **{name: version(name) for name in ("transformers", "tokenizers", "liger-kernel",
+                                                                         "triton", "pydantic")},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "model": {key: scale.model[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                     "num_key_value_heads", "head_dim", "intermediate_size",
+                                                     "vocab_size")},
+        "seq_len": scale.seq_len, "batch_size": scale.batch_size, "steps": scale.steps,
+    }
+    if device.type == "cuda":
+        name = environment["device"]
+        environment["peak_tflops"] = next((tflops for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
+    return environment
+
+
+def run_part(report: Report, part: str, key: str, title: str,
+             function: Callable[[], tuple[list[Row], dict[str, Any]]]) -> None:
+    """Run one part (its details go to the JSON under `key`); a skip or an exception becomes its row in the table
+    instead of ending the check."""
+    log(f"part {part}: {title}")
+    started = time.monotonic()
+    try:
+        rows, details = function()
+        status = "fail" if any(row.status in ("fail", "error") for row in rows) else "pass"
+    except Skip as reason:
+        rows, details, status = [Row(part, title, str(reason), status="skip")], {}, "skip"
+    except Exception as error:  # noqa: BLE001 (any failure of one part is reported, and the next part runs)
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        rows, status = [Row(part, title, f"{type(error).__name__}: {message}", status="error")], "error"
+        details = {"traceback": traceback.format_exc()}
+        print(details["traceback"], file=sys.stderr, flush=True)
+    if device_is_cuda():
+        torch.cuda.empty_cache()
+    report.rows += rows
+    seconds = round(time.monotonic() - started, 1)
+    report.parts[key] = {"part": part, "title": title, "status": status, "seconds": seconds, **details}
+    report.write()
+    log(f"part {part}: {status} in {time.monotonic() - started:.0f} s")
+
+
+def device_is_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def parse_arguments(arguments: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "bench" / "gpu_check.json")
+    parser.add_argument("--logs", type=Path, default=None, help="trainer logs (default: gpu_check_logs/ by --out)")
+    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. ab or cd")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds for all parts (the trainer runs stop)")
+    parser.add_argument("--prepare-only", action="store_true", help="write data/gpu_check (model folder, shards)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="the same code paths at a tiny size on CPU")
+    parser.add_argument("--no-compile", action="store_true", help="part c without its compiled run")
+    return parser.parse_args(arguments)
+
+
+def main(arguments: list[str] | None = None) -> int:
+    options = parse_arguments(arguments)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if options.prepare_only:
+        prepare(GPU)
+        return 0
+    scale = SMOKE if options.cpu_smoke else GPU
+    cuda = torch.cuda.is_available() and not options.cpu_smoke
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    deadline = time.monotonic() + options.budget
+    report = Report(options.out, describe_environment(device, scale))
+    log(f"{scale.name} check on {report.environment['device']}: torch {torch.__version__}, "
+        f"transformers {report.environment['transformers']}, liger {report.environment['liger-kernel']}")
+    if not cuda and not options.cpu_smoke:
+        for part in options.parts:
+            report.rows.append(Row(part, "part", "no CUDA device here: run on a GPU, or pass --cpu-smoke",
+                                   status="skip"))
+        report.write()
+        report.print_table()
+        return 0
+    if "a" in options.parts:
+        run_part(report, "a", "a", "varlen_attn vs per-document SDPA", lambda: part_attention(scale, device))
+    if "b" in options.parts:
+        run_part(report, "b", "b", "liger fused linear cross-entropy vs ChunkedCrossEntropy",
+                 lambda: part_cross_entropy(scale, device))
+    trainer: Trainer | None = None
+
+    def setup() -> tuple[list[Row], dict[str, Any]]:
+        nonlocal trainer
+        shards = scale.data / "shards"
+        if options.cpu_smoke or not (shards / "manifest.json").is_file():
+            if importlib.util.find_spec("datasets") is None or not TOKENIZER_SOURCE.is_dir():
+                raise RuntimeError(f"{shards} is missing: run `pipelines/gpu_check.py --prepare-only` on the CPU "
+                                   f"machine and carry {DATA.relative_to(ROOT)}")
+            prepare(scale)
+        notes: list[str] = []
+        import transformers.modeling_utils
+
+        if not hasattr(transformers.modeling_utils, "slice_logits_to_keep"):
+            notes.append(f"transformers {transformers.__version__} has no 2-D boolean logits_to_keep, which "
+                         "lacuna.model.loss_sum passes: carry transformers-5.24.0 (this docstring)")
+        model = trainer_model_folder(scale, notes)
+        trainer = Trainer(scale, model, options.logs or options.out.with_name(options.out.stem + "_logs"), deadline)
+        manifest = json.loads((shards / "manifest.json").read_text())
+        return [Row("c", "data and model folder", f"{manifest['stats']['rows']} rows of {manifest['seq_len']} tokens "
+                    f"in {shards.relative_to(ROOT)}; model {model.relative_to(ROOT)}" + "".join(f"; {note}"
+                                                                                              for note in notes))], {}
+
+    if {"c", "d"} & set(options.parts):
+        run_part(report, "c", "setup", "prepared data and model folder", setup)
+    if trainer is not None:
+        # the compiled run last: it is the slowest to start and the likeliest to run into the time budget
+        if "c" in options.parts:
+            run_part(report, "c", "c_eager", "trainer, eager", lambda: part_training(trainer, device, "eager"))
+        if "d" in options.parts:
+            run_part(report, "d", "d", "kill at the first checkpoint and resume", lambda: part_resume(trainer))
+        if "c" in options.parts and not options.no_compile:
+            run_part(report, "c", "c_compiled", "trainer, --model.compile true",
+                     lambda: part_training(trainer, device, "compiled"))
+    report.print_table()
+    log(f"wrote {options.out}")
+    return 0 if report.status() == "pass" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
