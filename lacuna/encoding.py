@@ -5,7 +5,7 @@ import json
 import sys
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -31,8 +31,8 @@ class Conversation:
     messages: list[dict[str, Any]]
     tools: list | None
     variables: dict[str, Any]
-    excluded: set[int] = field(default_factory=set)
-    counts: Counter = field(default_factory=Counter)
+    excluded: set[int]
+    counts: Counter
 
 
 def text_of_parts(parts: list, role: str, where: str) -> str:
@@ -43,6 +43,13 @@ def text_of_parts(parts: list, role: str, where: str) -> str:
             raise LacunaError(f"{where}: a {role} message has a {kind!r} content part, but lacuna trains text "
                               "models: keep only {\"type\": \"text\", \"text\": ...} parts, or remove the record")
     return "".join(part["text"] for part in parts)
+
+
+def parsed(text: Any, otherwise: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return otherwise
 
 
 def is_function_call(call: Any) -> bool:
@@ -62,10 +69,7 @@ def chat_message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
                  if value is not None and key not in LOSS_FIELDS}
     converted["role"] = ROLES[role]
     if role == "function_call":  # LLaMA-Factory: the call as JSON text, {"name": ..., "arguments": ...} or a list
-        try:
-            calls = json.loads(converted.pop("content", ""))
-        except (TypeError, json.JSONDecodeError):
-            calls = None
+        calls = parsed(converted.pop("content", None), None)
         converted["tool_calls"] = [{"type": "function", "function": call}
                                    for call in (calls if isinstance(calls, list) else [calls])]
     content = converted.get("content")
@@ -117,11 +121,8 @@ def conversation(record: Any, messages_field: str, assistant_turns: str, where: 
     excluded = {index for index in assistants if not trained[index]}
     by_last = set(assistants[:-1]) - excluded if assistant_turns == "last" else set()
     tools = record.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            pass
+    if isinstance(tools, str):  # not JSON: left a string, so the error below
+        tools = parsed(tools, tools) if tools.strip() else None
     if tools is not None and not isinstance(tools, list):
         raise LacunaError(f"{where}: tools is neither a list of JSON schemas nor a JSON string of one: fix the record")
     variables = record.get("chat_template_kwargs") or {}
@@ -199,7 +200,7 @@ class Encoder:
             self.renderer = Renderer(self.template, variables)
         chats = [conversation(record, self.field, self.assistant_turns, where.format(number))
                  for number, record in numbered]
-        texts, spans, marked_texts, counts = [], [], [], Counter()
+        texts, marked_texts, bases, bounds, excluded, counts = [], [], [0], [], [], Counter()
         for (number, _), chat in zip(numbered, chats, strict=True):
             try:
                 marked = self.renderer.render(chat.messages, chat.tools, chat.variables)
@@ -208,28 +209,25 @@ class Encoder:
                     (start, end) for _, start, end in blocks]
             except RenderError as error:
                 raise LacunaError(f"{where.format(number)}: {error}") from None
-            texts.append(text), spans.append(found), marked_texts.append(marked)
-            counts.update(chat.counts)
+            # every text and its spans laid on one line of characters, so one search finds each token's span
+            bounds += [(bases[-1] + start, bases[-1] + end) for start, end in found]
+            texts.append(text), marked_texts.append(marked), bases.append(bases[-1] + len(text))
+            excluded.append(not found and bool(chat.excluded)), counts.update(chat.counts)
         if check:
             counts["not_prefix_preserving"] = self.check_template(chats, marked_texts, where, numbered)
         encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         lengths = np.array([len(encoding.ids) for encoding in encodings], np.int64)
         tokens = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), self.dtype,
                              count=int(lengths.sum()))
-        # every text and its spans shifted to one line of characters, so one search finds each token's span
         offsets = np.fromiter(chain.from_iterable(chain.from_iterable(encoding.offsets for encoding in encodings)),
                               np.int64, count=2 * len(tokens)).reshape(-1, 2)
-        text_lengths = np.array([len(text) for text in texts], np.int64)
-        offsets += np.repeat(np.cumsum(text_lengths) - text_lengths, lengths)[:, None]
-        bounds = np.array([(base + start, base + end) for base, found in zip(
-            (np.cumsum(text_lengths) - text_lengths).tolist(), spans, strict=True) for start, end in found],
-            np.int64).reshape(-1, 2)
-        span = np.searchsorted(bounds[:, 1], offsets[:, 0], side="right")  # the first span ending after its start
-        inside = span < len(bounds)
+        offsets += np.repeat(np.array(bases[:-1], np.int64), lengths)[:, None]
+        spans = np.array(bounds, np.int64).reshape(-1, 2)
+        span = np.searchsorted(spans[:, 1], offsets[:, 0], side="right")  # the first span ending after its start
+        inside = span < len(spans)
         masks = np.zeros(len(tokens), np.uint8)
-        masks[inside] = offsets[inside, 1] > bounds[span[inside], 0]
-        excluded = np.array([not found and bool(chat.excluded) for found, chat in zip(spans, chats, strict=True)])
-        return tokens, masks, lengths, excluded, counts
+        masks[inside] = offsets[inside, 1] > spans[span[inside], 0]
+        return tokens, masks, lengths, np.array(excluded, bool), counts
 
     def check_template(self, chats: list[Conversation], marked_texts: list[str], where: str, numbered: list
                        ) -> int:
@@ -240,11 +238,11 @@ class Encoder:
         for marked in marked_texts[:CHECKED_RECORDS]:
             for piece in marked.split(SPAN_START)[1:]:
                 inside, _, after = piece.partition(SPAN_END)
-                if not any(inside.endswith(token) for token in special):
-                    if left := next((token for token in special if after.startswith(token)), None):
-                        raise LacunaError(f"chat template {self.template_name} leaves the end-of-turn token {left} "
-                                          "after an assistant reply outside its {% generation %} block, so the model "
-                                          f"would never learn to stop: move {left} inside the block")
+                left = next((token for token in special if after.startswith(token)), None)
+                if left and not any(inside.endswith(token) for token in special):
+                    raise LacunaError(f"chat template {self.template_name} leaves the end-of-turn token {left} after "
+                                      "an assistant reply outside its {% generation %} block, so the model would "
+                                      f"never learn to stop: move {left} inside the block")
         checked, differing = 0, []
         for (number, _), chat, marked in zip(numbered[:CHECKED_RECORDS], chats, marked_texts, strict=False):
             ends = [index + 1 for index, message in enumerate(chat.messages[:-1]) if message["role"] == "assistant"]

@@ -91,7 +91,7 @@ def tool_records(parallel_calls: bool = True) -> list[dict]:
 
 def reference(tokenizer, template: str, record: dict, assistant_turns: str = "all") -> tuple[list[int], list[int]]:
     """transformers' tokens and assistant mask for a record, with the turns lacuna leaves out unmasked: a turn's
-    tokens are those between the conversation rendered up to it and rendered up to the next (non-assistant) one."""
+    tokens are those between the conversation rendered up to it and the shortest longer history that is a prefix."""
     messages = copy.deepcopy(record["messages"])
     for message in messages:  # lacuna's one normalisation: text parts joined
         if isinstance(message.get("content"), list):
@@ -109,9 +109,11 @@ def reference(tokenizer, template: str, record: dict, assistant_turns: str = "al
     for index in assistants:
         left_out = not messages[index].get("train", True) or messages[index].get("weight", 1) == 0
         if left_out or (assistant_turns == "last" and index != assistants[-1]):
-            start, end = len(encode(messages[:index])["input_ids"]), len(encode(messages[:index + 2])["input_ids"])
-            assert encode(messages[:index + 2])["input_ids"] == ids[:end]  # the history is a prefix
-            mask[start:end] = [0] * (end - start)
+            start = len(encode(messages[:index])["input_ids"])
+            following = next((later for later in assistants if later > index), len(messages))
+            ends = [len(part) for part in (encode(messages[:stop])["input_ids"] for stop in range(index + 1,
+                    following + 1)) if part == ids[:len(part)]]  # the shortest history after it that is a prefix
+            mask[start:ends[0]] = [0] * (ends[0] - start)
     return ids, mask
 
 
