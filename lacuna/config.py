@@ -26,6 +26,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = "data/models/SmolLM2-135M-Instruct"
     """HF hub name, a folder with weights, or a folder with only config.json (random init)."""
+    random_init: bool = False
+    """Seeded random weights from the architecture even where `name` has weights (pretraining from scratch)."""
     config_overrides: dict[str, Any] = {}
     attention: Literal["auto", "varlen_attn", "varlen_sdpa", "flash_attention_2", "sdpa"] = "auto"
     """auto: torch's varlen_attn on CUDA in bf16, else lacuna's per-document SDPA (see lacuna/attention.py)."""

@@ -61,13 +61,15 @@ def model_configuration(config: Config) -> PreTrainedConfig:
 
 
 def load_model(config: Config) -> PreTrainedModel:
-    """fp32 HF causal LM: pretrained weights if `model.name` has them, else a seeded random init from its config."""
+    """fp32 HF causal LM: pretrained weights if `model.name` has them (and `model.random_init` is off), else a seeded
+    random init from its config."""
     model_config = model_configuration(config)
     options = dict(attn_implementation=resolve_attention(config), dtype=torch.float32,
                    trust_remote_code=config.model.trust_remote_code)
     folder = Path(config.model.name)
     torch.manual_seed(config.seed)  # every rank must build identical weights before sharding
-    if folder.is_dir() and not any(path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)):
+    weights = folder.is_dir() and any(path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern))
+    if config.model.random_init or (folder.is_dir() and not weights):
         return AutoModelForCausalLM.from_config(model_config, **options)
     try:
         return AutoModelForCausalLM.from_pretrained(config.model.name, config=model_config, **options)

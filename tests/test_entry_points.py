@@ -77,20 +77,9 @@ def test_qwen_configs_parse_and_validate(name: str) -> None:
         assert config.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and config.optim.lr == 1e-5
 
 
-def test_pretrain_qwen_is_the_qwen2_5_0_5b_architecture_randomly_initialised() -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lacuna.model import WEIGHT_PATTERNS, model_configuration
-
-    file = REPO / "configs" / "pretrain_qwen.toml"
-    folder = REPO / load_config(["@", str(file)]).model.name
-    assert not [path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)]  # no weights: random init
-    model_config = model_configuration(load_config(["@", str(file), "--model-name", str(folder)]))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    assert type(model).__name__ == "Qwen2ForCausalLM"
-    assert sum(parameter.numel() for parameter in model.parameters()) == 494_032_768  # Qwen2.5-0.5B's count
+def test_pretrain_qwen_trains_the_qwen2_5_0_5b_architecture_from_random_weights() -> None:
+    config = load_config(["@", str(REPO / "configs" / "pretrain_qwen.toml"), *ISSUE_COMMAND[2:]])
+    assert config.model.name == "Qwen/Qwen2.5-0.5B" and config.model.random_init  # its architecture, not its weights
 
 
 @pytest.mark.parametrize(("command", "cwd", "names"), [

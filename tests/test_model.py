@@ -236,6 +236,11 @@ def test_load_model_random_init_is_seeded_and_applies_overrides(tmp_path: Path) 
     assert all(torch.equal(weight, second_weights[name]) for name, weight in first.state_dict().items())
     other_seed = load_model(config.model_copy(update={"seed": 1}))
     assert not torch.equal(first.lm_head.weight, other_seed.lm_head.weight)
+    weights = save_folder(tmp_path / "weights", with_weights=True)  # random_init: the architecture only
+    pretrained = load_model(Config.model_validate({"model": {"name": str(weights)}, "seed": 1}))
+    scratch = load_model(Config.model_validate({"model": {"name": str(weights), "random_init": True}, "seed": 1}))
+    assert torch.equal(pretrained.lm_head.weight, tiny_model().lm_head.weight)
+    assert not torch.equal(scratch.lm_head.weight, pretrained.lm_head.weight)
     with pytest.raises(LacunaError, match="hidden_sise"):
         load_model(Config.model_validate({"model": {"name": str(folder), "config_overrides": {"hidden_sise": 8}}}))
     with pytest.raises(LacunaError, match="lacuna assets"):
