@@ -20,6 +20,7 @@ SHAREGPT_KEYS = {"from": "role", "value": "content"}
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' names for a message's reasoning
 LOSS_FIELDS = ("train", "weight")  # per-turn loss control (axolotl's weight): read by lacuna, not by the template
 KEPT, TRUNCATED, DROPPED, EMPTY, EXCLUDED = 0, 1, 2, 3, 4  # per-document status (EXCLUDED: every turn left out)
+KINDS = ("with_tools", "with_reasoning", "multi_turn", "turns_excluded_train_false", "turns_excluded_last")
 CHECKED_RECORDS = 1000  # the template checks run on the first batch, at most this many records
 
 
@@ -32,7 +33,7 @@ class Conversation:
     tools: list | None
     variables: dict[str, Any]
     excluded: set[int]
-    counts: Counter
+    counts: tuple[int, ...]  # one per KINDS
 
 
 def text_of_parts(parts: list, role: str, where: str) -> str:
@@ -129,10 +130,9 @@ def conversation(record: Any, messages_field: str, assistant_turns: str, where: 
     if not isinstance(variables, dict):
         raise LacunaError(f"{where}: chat_template_kwargs must be an object of template variables, e.g. "
                           "{\"enable_thinking\": false}: fix the record")
-    counts = Counter(with_tools=bool(tools) or any("tool_calls" in m or m["role"] == "tool" for m in converted),
-                     with_reasoning=any("reasoning_content" in message for message in converted),
-                     multi_turn=len(assistants) > 1, turns_excluded_train_false=len(excluded),
-                     turns_excluded_last=len(by_last))
+    counts = (bool(tools) or any("tool_calls" in m or m["role"] == "tool" for m in converted),
+              any("reasoning_content" in message for message in converted), len(assistants) > 1, len(excluded),
+              len(by_last))
     return Conversation(list(converted), tools, variables, excluded | by_last, counts)
 
 
@@ -200,7 +200,7 @@ class Encoder:
             self.renderer = Renderer(self.template, variables)
         chats = [conversation(record, self.field, self.assistant_turns, where.format(number))
                  for number, record in numbered]
-        texts, marked_texts, bases, bounds, excluded, counts = [], [], [0], [], [], Counter()
+        texts, marked_texts, bases, bounds, excluded = [], [], [0], [], []
         for (number, _), chat in zip(numbered, chats, strict=True):
             try:
                 marked = self.renderer.render(chat.messages, chat.tools, chat.variables)
@@ -212,7 +212,9 @@ class Encoder:
             # every text and its spans laid on one line of characters, so one search finds each token's span
             bounds += [(bases[-1] + start, bases[-1] + end) for start, end in found]
             texts.append(text), marked_texts.append(marked), bases.append(bases[-1] + len(text))
-            excluded.append(not found and bool(chat.excluded)), counts.update(chat.counts)
+            excluded.append(not found and bool(chat.excluded))
+        tallies = np.array([chat.counts for chat in chats], np.int64).reshape(-1, len(KINDS)).sum(axis=0)
+        counts = Counter(dict(zip(KINDS, tallies.tolist(), strict=True)))
         if check:
             counts["not_prefix_preserving"] = self.check_template(chats, marked_texts, where, numbered)
         encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)

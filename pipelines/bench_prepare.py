@@ -1,4 +1,5 @@
-"""Issue 3 benchmarks: `lacuna prepare` throughput vs TRL, and packing fill vs TRL bfd and greedy concatenation.
+"""Issue 3 and 11 benchmarks: `lacuna prepare` throughput vs TRL (plain chat, tool-use/reasoning conversations,
+pretraining text), and packing fill vs TRL bfd and greedy concatenation.
 
 Worker (a fresh process and an empty datasets cache per run, so no side reuses another's cache):
     python pipelines/bench_prepare.py lacuna|lacuna-2|trl|trl-batched|tokenizer sft|pretrain DATASET SEQ_LEN OUT
@@ -55,9 +56,11 @@ def prepare_with_trl(mode: str, dataset: str, seq_len: int, out: str, batched: b
         return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]  # as lacuna prepares pretraining documents
 
     def tokenize(records: dict[str, Any]) -> dict[str, Any]:
-        if mode == "sft":
+        if mode == "sft":  # as SFTTrainer's tokenize_fn: a record's own tools go with it
+            tools = records.get("tools")
             encoded = tokenizer.apply_chat_template(records["messages"], chat_template=template, tokenize=True,
-                                                    return_dict=True, return_assistant_tokens_mask=True)
+                                                    return_dict=True, return_assistant_tokens_mask=True,
+                                                    tools=json.loads(tools) if isinstance(tools, str) else tools)
             return {"input_ids": encoded["input_ids"], "assistant_masks": encoded["assistant_masks"]}
         ids = tokenizer(records["text"], add_special_tokens=False)["input_ids"]
         return {"input_ids": [wrap(row) for row in ids] if batched else wrap(ids)}
@@ -89,14 +92,40 @@ def prepare_with_trl(mode: str, dataset: str, seq_len: int, out: str, batched: b
 # ----------------------------------------------------------------------------- throughput
 
 
+def tool_conversations() -> list[dict[str, Any]]:
+    """Tool-use and reasoning conversations built from the real chat corpus: each conversation once with a tool call
+    (arguments whose keys differ between records) and its result before the real reply, once with reasoning, and
+    joined with the next one into a multi-turn conversation with a system prompt."""
+    tools = [{"type": "function", "function": {"name": name, "description": f"The {name} tool.", "parameters": {
+        "type": "object", "properties": {key: {"type": "string"} for key in keys}}}}
+             for name, keys in (("search", ("query",)), ("weather", ("name", "units")))]
+    chat = [json.loads(line)["messages"] for line in (CORPUS / "chat.jsonl").open()]
+    records = []
+    for index, (messages, following) in enumerate(zip(chat, chat[1:] + chat[:1], strict=True)):
+        question, reply = messages[0], messages[-1]
+        arguments = {"query": question["content"]} if index % 2 else {"name": f"city {index}", "units": "C"}
+        call = {"type": "function", "function": {"name": "search" if index % 2 else "weather", "arguments": arguments}}
+        records += [{"tools": tools, "messages": [question, {"role": "assistant", "content": "Let me check.",
+                                                             "tool_calls": [call]},
+                                                  {"role": "tool", "content": reply["content"]}, reply]},
+                    {"messages": [question, {**reply, "reasoning_content": f"The user said: {question['content']}"}]},
+                    {"messages": [{"role": "system", "content": "Answer briefly."}, *messages, *following]}]
+    return records
+
+
 def make_inputs(quick: bool) -> dict[str, tuple[str, Path, str]]:
-    """Benchmark inputs: the real chat corpus repeated, and the real stdlib corpus (or its first files)."""
+    """Benchmark inputs: the real chat corpus repeated, tool-use/reasoning conversations built from it, and the real
+    stdlib corpus (or its first files)."""
     WORK.mkdir(parents=True, exist_ok=True)
     repeats, files = (2, 200) if quick else (10, None)
-    chat, stdlib = WORK / f"chat-x{repeats}.jsonl", WORK / f"stdlib-{files or 'all'}.jsonl"
+    chat, tools, stdlib = (WORK / f"chat-x{repeats}.jsonl", WORK / f"tools-x{repeats // 2}.jsonl",
+                           WORK / f"stdlib-{files or 'all'}.jsonl")
     chat.write_text((CORPUS / "chat.jsonl").read_text() * repeats)
+    tools.write_text("".join(json.dumps(record) + "\n" for record in tool_conversations()) * (repeats // 2))
     stdlib.write_text("".join((CORPUS / "stdlib.jsonl").read_text().splitlines(keepends=True)[:files]))
     return {"chat": ("sft", chat, f"chat.jsonl ×{repeats} (real conversations, repeated)"),
+            "tools": ("sft", tools, f"tool-use/reasoning conversations built from chat.jsonl ×{repeats // 2}: tool "
+                                    "calls and results, reasoning, multi-turn with a system prompt"),
             "stdlib": ("pretrain", stdlib, f"stdlib.jsonl, {'first 200' if quick else 'all 731'} files")}
 
 
@@ -109,20 +138,24 @@ def tokenizer_alone(mode: str, dataset: str) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     records = [json.loads(line) for line in Path(dataset).open()]
-    texts = [record["text"] for record in records] if mode == "pretrain" else tokenizer.apply_chat_template(
-        [record["messages"] for record in records], chat_template=load_template(None, tokenizer), tokenize=False)
+    template = load_template(None, tokenizer)
+    texts = [record["text"] if mode == "pretrain" else tokenizer.apply_chat_template(
+        record["messages"], tools=record.get("tools"), chat_template=template, tokenize=False) for record in records]
     started = time.perf_counter()
     encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return {"seconds": time.perf_counter() - started, "tokens": sum(len(encoding.ids) for encoding in encodings)}
 
 
-def prepare_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
+def prepare_throughput(quick: bool, previous: dict[str, Any], only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Wall time from the .jsonl to packed rows on disk of lacuna vs TRL, same tokenizer and template; each run in
-    a fresh process, runs interleaved, the median of each preparer's runs compared."""
+    a fresh process, runs interleaved, the median of each preparer's runs compared (`only`: these inputs)."""
     figures, raw, notes = [], {}, []
-    preparers = ["lacuna", "trl", "trl-batched"] + ([] if quick else ["lacuna-2"])
     repeats = 1 if quick else 3
     for name, (mode, dataset, description) in make_inputs(quick).items():
+        if only and name not in only:
+            continue
+        # a batched apply_chat_template takes one `tools` for the whole batch, so TRL maps tool use per example
+        preparers = ["lacuna", "trl"] + ["trl-batched"] * (name != "tools") + ([] if quick else ["lacuna-2"])
         for repeat in range(repeats):
             for preparer in preparers + ["tokenizer"]:
                 cache = {"HF_DATASETS_CACHE": str(WORK / f"cache-{name}-{preparer}-{repeat}")}
@@ -135,7 +168,7 @@ def prepare_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
         on = (f"{description}: {lacuna['documents']:,} documents, {lacuna['tokens']:,} tokens, seq_len {SEQ_LEN}, "
               f"{mode}; median of {repeats} fresh-process run{'s' * (repeats > 1)} each")
         for mine, theirs in (("lacuna", "trl"), ("lacuna", "trl-batched"), ("lacuna-2", "trl")):
-            if mine in seconds:
+            if mine in seconds and theirs in seconds:
                 ratio, target = seconds[theirs] / seconds[mine], mine == "lacuna" and theirs == "trl"
                 figures.append(figure(f"{PREPARERS[mine]} speed-up vs {PREPARERS[theirs]} ({name})", ratio,
                                       f"{ratio:.2f}× ({seconds[mine]:.2f} s vs {seconds[theirs]:.2f} s)",
@@ -144,6 +177,9 @@ def prepare_throughput(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
         figures.append(figure(f"tokenizer alone ({name})", floor,
                               f"{floor:.2f} s = {100 * floor / seconds['lacuna']:.0f} % of lacuna's time; caps the "
                               f"speed-up vs TRL at {seconds['trl'] / floor:.1f}×", "", None, on))
+        if mode == "sft" and lacuna["tokens"] != trl["tokenized_tokens"]:
+            notes.append(f"prepare: on {name}, lacuna kept {lacuna['tokens']:,} tokens and TRL tokenized "
+                         f"{trl['tokenized_tokens']:,}: the same records should give the same tokens.")
         if trl["tokens"] < trl["tokenized_tokens"]:
             notes.append(f"prepare: TRL bfd truncates documents longer than seq_len: on {name} it kept "
                          f"{trl['tokens']:,} of {trl['tokenized_tokens']:,} tokens; lacuna splits them and keeps all.")
