@@ -40,7 +40,8 @@ def train(context: typer.Context) -> None:
     """Launch training under torchrun with the right process count and OMP_NUM_THREADS.
 
     Options: --data DIR, --model-name, --steps, --batch-size, --grad-accum, --lr, --seed, --run-dir,
-    --checkpoint-every, --log-every, --eval-every, --resume PATH|latest|none, --nproc-per-node, --nnodes.
+    --checkpoint-every, --log-every, --eval-every, --resume PATH|latest|none, --nproc-per-node, --nnodes,
+    --parallel.replicate N (HSDP: N replicas, each sharded over world/N ranks), --model.dtype auto|bfloat16|float32.
     """
     from lacuna.launch import launch
 
