@@ -15,10 +15,10 @@ Parts (each catches its own failure and reports it in the table; the JSON is rew
   d  the eager run again in a subprocess, SIGKILLed once its step-10 checkpoint is complete, then rerun to step 30:
      its losses against the uninterrupted eager run of c (pass: every step within 1e-3).
 
-Here, on the CPU machine (the device machine has no `datasets` and no network), once:
+Here, on the CPU machine (the device machine has no `datasets` and no network), just before a device run, so
+that the shards come from the lacuna that will train on them (`make gpu-check GPU_CHECK_ARGS=...` runs the same):
     .venv/bin/python pipelines/gpu_check.py --prepare-only   # data/gpu_check/{model,shards}: ~16 MB, travels
-    .venv/bin/python pipelines/gpu_check.py --cpu-smoke      # the same code paths, tiny and fp32 on CPU (~3 min)
-(or `make gpu-check GPU_CHECK_ARGS=--prepare-only`, ...)
+    .venv/bin/python pipelines/gpu_check.py --cpu-smoke      # the same code paths, tiny and fp32 on CPU (~2-3 min)
 and the wheels of what the device machine lacks, at uv.lock's versions (`/.whl/` is in .gitignore): pydantic and
 its needs, tomli-w, liger-kernel, and transformers 5.24 with the regex it needs, since the machine's transformers
 5.17 has no 2-D boolean `logits_to_keep`, which lacuna.model.loss_sum passes (torch 2.11, triton 3.6, tokenizers
@@ -28,7 +28,7 @@ its needs, tomli-w, liger-kernel, and transformers 5.24 with the regex it needs,
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
         typing-extensions==4.16.0 tomli-w==1.2.0 liger-kernel==0.8.5 transformers==5.24.0 regex==2026.11.19
 On the device machine (tool `run`, carry [".whl", "data/gpu_check"], timeout_s 600; this script stops its own
-parts after --budget seconds, 470 by default; the whole check takes 5 to 8 minutes):
+parts after --budget seconds, 470 by default; expected to take 5 to 8 minutes, not yet measured there):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 pipelines/gpu_check.py \
         --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
