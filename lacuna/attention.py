@@ -75,12 +75,16 @@ def causal_options(parameters: set[str]) -> tuple[dict[str, object], bool]:
     return options | ({"enable_gqa": True} if "enable_gqa" in parameters else {}), "enable_gqa" in parameters
 
 
+VARLEN_ATTN = torch_varlen_attention()
+# read once: inspect.signature inside a compiled region could break the graph
+VARLEN_OPTIONS = causal_options(set(inspect.signature(VARLEN_ATTN).parameters)) if VARLEN_ATTN else ({}, False)
+
+
 def torch_varlen(query: Float[Tensor, "total heads head_dim"], key: Float[Tensor, "total kv_heads head_dim"],
                  value: Float[Tensor, "total kv_heads head_dim"], cu_seqlens: Int[Tensor, " segments_plus_one"],
                  max_seqlen: int | None, scale: float | None) -> Float[Tensor, "total heads head_dim"]:
     """Causal attention within each segment through torch's `varlen_attn`, on whichever signature torch has."""
-    varlen_attn = torch_varlen_attention()
-    options, grouped = causal_options(set(inspect.signature(varlen_attn).parameters))
+    varlen_attn, (options, grouped) = VARLEN_ATTN, VARLEN_OPTIONS
     if not grouped and key.shape[1] != query.shape[1]:
         key, value = (tensor.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for tensor in (key, value))
     max_seqlen = max_seqlen or int(cu_seqlens.diff().max())  # a host sync, only without the stored max_seqlen

@@ -16,16 +16,16 @@ GPU_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 98
                    "RTX 4090": 165.0, "RTX 3090": 71.0, "MI300X": 1307.0}
 
 
-def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, largest: int = 2048) -> float:
-    """Best square-matmul flops of this process on CPU (no spec-sheet peak to look up), within about `seconds`:
-    sizes double from 256 up to `largest` while the next size still fits the budget (a CPU that emulates bf16 runs
-    it ~50× slower than fp32, so a fixed size could take a minute); best-of-3 filters out noise."""
+def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, largest: int = 2048, device: str = "cpu") -> float:
+    """Best square-matmul flops of this process on `device` (a CPU, or a GPU with no spec-sheet peak to look up)
+    within about `seconds`: sizes double from 256 up to `largest` while the next size still fits the budget (a CPU
+    that emulates bf16 runs it ~50× slower than fp32, so a fixed size could take a minute); best of 3 each."""
     deadline, size, best = time.perf_counter() + seconds, 256, 0.0
     while True:
-        left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        left, right = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         for _ in range(3):
             start = time.perf_counter()
-            left @ right
+            (left @ right).sum().item()  # .item() waits for a GPU to finish
             elapsed = time.perf_counter() - start
             best = max(best, 2 * size**3 / elapsed)
         if size >= largest or time.perf_counter() + 3 * 8 * elapsed > deadline:  # the next size costs ~8× more
@@ -43,7 +43,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
-        dtype = torch.bfloat16
+        return measure_matmul_flops(torch.bfloat16, seconds=2.0, largest=8192, device=device.type)  # not in the table
     return measure_matmul_flops(dtype, seconds=2.0)
 
 

@@ -209,7 +209,8 @@ def loss_sum(model: nn.Module, batch: Batch) -> Tensor:
     try:
         output = model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
-            logits_to_keep=supervised,  # project only supervised positions onto the vocabulary
+            logits_to_keep=supervised[0],  # project only supervised positions onto the vocabulary (1-D: transformers
+            # before 5.24 index the hidden states with it as a 1-D mask only)
             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
             max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
         ).logits
