@@ -2,7 +2,6 @@
 chat-template rendering with assistant spans, batched tokenization and the loss mask, and each document's status."""
 
 import json
-import sys
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
@@ -216,7 +215,8 @@ class Encoder:
         tallies = np.array([chat.counts for chat in chats], np.int64).reshape(-1, len(KINDS)).sum(axis=0)
         counts = Counter(dict(zip(KINDS, tallies.tolist(), strict=True)))
         if check:
-            counts["not_prefix_preserving"] = self.check_template(chats, marked_texts, where, numbered)
+            counts["prefix_checked"], counts["not_prefix_preserving"] = self.check_template(chats, marked_texts,
+                                                                                            numbered)
         encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         lengths = np.array([len(encoding.ids) for encoding in encodings], np.int64)
         tokens = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), self.dtype,
@@ -231,13 +231,15 @@ class Encoder:
         masks[inside] = offsets[inside, 1] > spans[span[inside], 0]
         return tokens, masks, lengths, np.array(excluded, bool), counts
 
-    def check_template(self, chats: list[Conversation], marked_texts: list[str], where: str, numbered: list
-                       ) -> int:
-        """The template checks on the first records: an end-of-turn token left after a generation block is an
-        error (the model would never learn to stop); earlier turns that render differently once later turns
-        follow are one warning with a count (returned)."""
+    def check_template(self, chats: list[Conversation], marked_texts: list[str], numbered: list) -> tuple[int, int]:
+        """The template checks on the first CHECKED_RECORDS records (whatever the batches or processes): an
+        end-of-turn token left after a generation block is an error (the model would never learn to stop); returns
+        (multi-turn conversations checked, those whose earlier turns render differently once later turns follow)."""
         special = [token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special]
-        for marked in marked_texts[:CHECKED_RECORDS]:
+        checked, differing = 0, 0
+        for (number, _), chat, marked in zip(numbered, chats, marked_texts, strict=True):
+            if number > CHECKED_RECORDS:
+                break
             for piece in marked.split(SPAN_START)[1:]:
                 inside, _, after = piece.partition(SPAN_END)
                 left = next((token for token in special if after.startswith(token)), None)
@@ -245,20 +247,11 @@ class Encoder:
                     raise LacunaError(f"chat template {self.template_name} leaves the end-of-turn token {left} after "
                                       "an assistant reply outside its {% generation %} block, so the model would "
                                       f"never learn to stop: move {left} inside the block")
-        checked, differing = 0, []
-        for (number, _), chat, marked in zip(numbered[:CHECKED_RECORDS], chats, marked_texts, strict=False):
             ends = [index + 1 for index, message in enumerate(chat.messages[:-1]) if message["role"] == "assistant"]
             checked += bool(ends)
-            if any(not marked.startswith(self.renderer.render(chat.messages[:end], chat.tools, chat.variables))
-                   for end in ends):
-                differing.append(number)
-        if differing:
-            print(f"warning: chat template {self.template_name} is not prefix-preserving: in {len(differing)} of the "
-                  f"first {checked} multi-turn conversations (e.g. {where.format(differing[0])}) earlier turns render "
-                  "differently once later turns follow, so training sees another history than inference: use a "
-                  "template that renders every turn the same way (e.g. lacuna/templates/qwen3.jinja)",
-                  file=sys.stderr, flush=True)
-        return len(differing)
+            differing += any(not marked.startswith(self.renderer.render(chat.messages[:end], chat.tools,
+                                                                        chat.variables)) for end in ends)
+        return checked, differing
 
     def __call__(self, batch: tuple[int, int, list]) -> tuple[Any, ...]:
         source_index, first, records = batch
@@ -267,7 +260,8 @@ class Encoder:
                     if not (isinstance(record, str) and not record.strip())]  # blank JSON lines hold no record
         if self.mode == "pretrain":
             return *self.finish(*self.pretrain_documents(numbered, where)), Counter()
-        tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, first == 0 == source_index)
+        tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, source_index == 0
+                                                                      and first < CHECKED_RECORDS)
         return *self.finish(tokens, masks, lengths, excluded), counts
 
     def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None

@@ -83,6 +83,11 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             counts.append(documents)
             if not settings.quiet:
                 print(f"tokenized {source.spec}: {documents:,} documents, {speed}", flush=True)
+    if differing := conversations["not_prefix_preserving"]:
+        print(f"warning: chat template {encoder.template_name} is not prefix-preserving: in {differing} of the first "
+              f"{conversations['prefix_checked']} multi-turn conversations earlier turns render differently once later "
+              "turns follow, so training sees another history than inference: use a template that renders every turn "
+              "the same way (e.g. lacuna/templates/qwen3.jinja)", file=sys.stderr, flush=True)
     for name, column in zip(("lengths", "status"), per_document, strict=True):
         np.save(f"{stem}.{name}.npy", np.concatenate(column) if column else np.zeros(0, np.int64))
     write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": counts,

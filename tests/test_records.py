@@ -227,8 +227,9 @@ def test_any_generation_tagged_template_equals_transformers_and_prefix_warning(t
     warning = capfd.readouterr().err
     assert f"qwen3-stock-style.jinja is not prefix-preserving: in 8 of the first {multi_turn} multi-turn" in warning
     assert manifest["stats"]["conversations"]["not_prefix_preserving"] == 8
-    prepare(tmp_path / "last", dataset, tokenizers["chatml"], "--chat-template", str(template),
-            "--assistant-turns", "last")  # the turns before the last are told apart by the history before the last
+    last = prepare(tmp_path / "last", dataset, tokenizers["chatml"], "--chat-template", str(template),
+                   "--assistant-turns", "last", "--num-proc", "2")  # told apart by the history before the last
+    assert last["stats"]["conversations"]["not_prefix_preserving"] == 8  # the same records checked, in any batches
     expected = [reference(tokenizer, STOCK_QWEN3_STYLE, record, "last") for record in records]
     found = Counter((tuple(tokens.tolist()), tuple(mask.tolist())) for tokens, mask in segments(tmp_path / "last",
                                                                                                 "train"))
