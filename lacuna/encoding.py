@@ -20,7 +20,7 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformer
 LOSS_FIELDS = ("train", "weight")  # per-turn loss control (axolotl's weight): read by lacuna, not by the template
 KEPT, TRUNCATED, DROPPED, EMPTY, EXCLUDED = 0, 1, 2, 3, 4  # per-document status (EXCLUDED: every turn left out)
 KINDS = ("with_tools", "with_reasoning", "multi_turn", "turns_excluded_train_false", "turns_excluded_last")
-CHECKED_RECORDS = 1000  # the template checks run on the first batch, at most this many records
+CHECKED_RECORDS = 1000  # the template checks run on this many first records of the first source
 
 
 @dataclass
