@@ -63,7 +63,8 @@ def tool_records(parallel_calls: bool = True) -> list[dict]:
     for index, ((user, reply), (next_user, next_reply)) in enumerate(zip(chat[::2], chat[1::2], strict=True)):
         question, answer = user["content"], reply["content"]
         records += [
-            {"messages": [{"role": "system", "content": "You answer briefly."}, user, reply, next_user, next_reply]},
+            {"messages": [{"role": "system", "content": "You answer briefly."}, user, reply,
+                          {"role": "developer", "content": "Be exact."}, next_user, next_reply]},
             {"tools": TOOLS, "messages": [  # arguments as a dict, with a real null
                 user, {"role": "assistant", "tool_calls": [call("search", {"query": question, "page": None})]},
                 {"role": "tool", "tool_call_id": f"call_{index}", "name": "search", "content": answer},
