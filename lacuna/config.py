@@ -124,6 +124,7 @@ class PrepareConfig(Section):
     shard_index: int | None = None
     num_shards: int | None = None
     rows_per_shard: int = Field(16384, ge=1)
+    pack_group_tokens: int = Field(2**23, ge=1)  # consecutive documents best-fit packed together (lacuna/writing.py)
     quiet: bool = False
 
 

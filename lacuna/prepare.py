@@ -1,10 +1,9 @@
 """`lacuna prepare {pretrain,sft}`: a dataset becomes best-fit packed, memory-mapped shards (format: lacuna/shards.py).
 
-Two phases, so that any number of processes gives byte-identical output:
-1. Tokenize. Process r of W (torchrun's RANK/WORLD_SIZE, or --shard-index/--num-shards) tokenizes its contiguous
-   slice of every source into OUT.partial/parts/part-r.*, a JSON marker last; --num-proc workers share the slice.
-2. Merge. The last process to finish takes a lock file, orders documents by (source, position), holds out val,
-   applies mixture weights, packs, shuffles rows, writes shards then the manifest, and renames OUT.partial to OUT.
+Two phases, so that any number of processes gives byte-identical output: process r of W (torchrun's RANK/WORLD_SIZE,
+or --shard-index/--num-shards, on a shared filesystem) tokenizes its share of every source (--num-proc workers
+share it) into OUT.partial/parts/part-r.*, a JSON marker last; once every part is there, it packs and writes its
+share of the packing groups (lacuna/writing.py), and the last process to finish renames OUT.partial to OUT.
 """
 
 import hashlib
@@ -28,7 +27,7 @@ from lacuna.encoding import Encoder
 from lacuna.errors import LacunaError, run_main
 from lacuna.shards import FORMAT, token_dtype, tokenizer_hash, write_atomically
 from lacuna.sources import Source, load_source, parse_source, record_batches
-from lacuna.writing import merge
+from lacuna.writing import finished, merge
 
 RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards", "streaming"}
 
@@ -61,7 +60,7 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
     ENCODER = encoder
     stem = parts / f"part-{rank:05d}"
     per_document: list[list[np.ndarray]] = [[], []]
-    counts, conversations = [], Counter()
+    runs, conversations = [], Counter()  # runs: [source, file, documents] in reading order
     shown = not settings.quiet and int(os.environ.get("LOCAL_RANK", 0)) == 0  # torchrun: one display per node
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                TimeElapsedColumn())
@@ -72,7 +71,7 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             total = None if settings.streaming else -(-len(source.dataset) // world)
             task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
             start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
-            batches = record_batches(source, index, rank, world, settings.num_proc)
+            batches = record_batches(source, index, rank, world, settings.num_proc, runs)
             for result in in_order(pool, batches, 2 * settings.num_proc) if pool else map(encoder, batches):
                 tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
                 per_document[0].append(result[2]), per_document[1].append(result[3]), conversations.update(result[4])
@@ -80,7 +79,6 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 speed = f"{documents / elapsed:,.0f} docs/s  {tokens / elapsed:,.0f} tokens/s"
                 progress.update(task, completed=documents, speed=speed)
-            counts.append(documents)
             if not settings.quiet:
                 print(f"tokenized {source.spec}: {documents:,} documents, {speed}", flush=True)
     if differing := conversations["not_prefix_preserving"]:
@@ -90,12 +88,18 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
               "the same way (e.g. lacuna/templates/qwen3.jinja)", file=sys.stderr, flush=True)
     for name, column in zip(("lengths", "status"), per_document, strict=True):
         np.save(f"{stem}.{name}.npy", np.concatenate(column) if column else np.zeros(0, np.int64))
-    write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": counts,
+    write_atomically(Path(f"{stem}.json"), json.dumps({"fingerprint": fingerprint, "documents": runs,
                                                         "conversations": conversations}))
 
 
-def finished(marker: Path, fingerprint: str) -> bool:
-    return marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint
+def wait_for_parts(markers: list[Path], fingerprint: str, patience: float = 600) -> None:
+    """Poll until every part is tokenized; fail, naming the missing ones, once no part file grew for `patience` s."""
+    started = time.time()
+    while missing := [str(index) for index, marker in enumerate(markers) if not finished(marker, fingerprint)]:
+        if time.time() - max([started] + [path.stat().st_mtime for path in markers[0].parent.glob("*.bin")]) > patience:
+            raise LacunaError(f"parts {', '.join(missing)} of {len(markers)} are unfinished and no part grew for "
+                              f"{patience:.0f} s: start (or rerun) the processes with those --shard-index values")
+        time.sleep(1)
 
 
 def process_slot(settings: PrepareConfig) -> tuple[int, int]:
@@ -167,8 +171,6 @@ def prepare(config: Config) -> dict[str, Any] | None:
     """Run this process's part of a prepare; the last process to finish merges and returns the manifest."""
     settings, out, sources = check_settings(config)
     rank, world = process_slot(settings)
-    if settings.streaming and world > 1:
-        raise LacunaError("a streaming prepare runs in one process: drop --streaming or the process split")
     if settings.num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fork below would disable it anyway, with a warning
     if (local_processes := int(os.environ.get("LOCAL_WORLD_SIZE", 1))) > 1:  # torchrun: the node's processes share
@@ -203,18 +205,11 @@ def prepare(config: Config) -> dict[str, Any] | None:
     markers = [partial / "parts" / f"part-{index:05d}.json" for index in range(world)]
     try:
         if not finished(markers[rank], fingerprint):  # a finished part (same inputs) is kept: another may be merging it
-            markers[rank].unlink(missing_ok=True)
             tokenize_part(sources, encoder, settings, rank, world, partial / "parts", fingerprint)
-        if not all(finished(marker, fingerprint) for marker in markers):
-            print(f"part {rank} of {world} done; the last process to finish writes {out}", flush=True)
+        wait_for_parts(markers, fingerprint)
+        if (manifest := merge(sources, settings, rank, world, partial, out, header, fingerprint, dtype)) is None:
+            print(f"part {rank} of {world} packed; the last process to finish writes {out}", flush=True)
             return None
-        try:
-            os.close(os.open(partial / "merge.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            print(f"part {rank} of {world} done; another process is merging (if none is, delete {partial})",
-                  flush=True)
-            return None
-        manifest = merge(sources, settings, world, partial, out, header)
     except BaseException:
         if world == 1:
             shutil.rmtree(partial, ignore_errors=True)

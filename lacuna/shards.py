@@ -1,10 +1,10 @@
-"""The packed-shard format (`lacuna-packed`, version 2): what `lacuna prepare` writes and training reads.
+"""The packed-shard format (`lacuna-packed`, version 3): what `lacuna prepare` writes and training reads.
 
-A prepared folder DIR holds, per split (`train`, `val`) and shard index, up to six plain `.npy` files that
-`np.load(path, mmap_mode="r")` opens, named `DIR/{split}-{index:05d}.{kind}.npy`:
+A prepared folder DIR holds, per split (`train`, `val`), packing group and shard, five plain `.npy` files (six in
+SFT) that `np.load(path, mmap_mode="r")` opens, named `DIR/{split}-{group:05d}-{shard:05d}.{kind}.npy`:
 
     tokens       [rows, seq_len]  uint16 when every token id fits (vocab <= 65,536), else uint32
-    loss_mask    [rows, seq_len]  uint8; 1 = this position's token is a supervised target, predicted
+    loss_mask    [rows, seq_len]  uint8, SFT only; 1 = this position's token is a supervised target, predicted
                                   from the previous position (never the first token of a document)
     cu_seqlens   [total]          int32, flat; a row's slice holds its segment boundaries 0 .. seq_len
     row_offsets  [rows + 1]       int64 CSR index: row r's boundaries are cu_seqlens[row_offsets[r]:row_offsets[r+1]]
@@ -16,16 +16,15 @@ padding tail (pad id, else EOS) that is its own segment, so it attends only to i
 segment holds at least one supervised position and the padding tail none. Documents longer than seq_len
 (pretrain) are cut into chunks that overlap by one token, so each token is still a target exactly once.
 
-A shard whose manifest entry lists no loss_mask (pretraining from version 3; SFT keeps it) has the mask that
-`derived_loss_mask` rebuilds: 1 but at segment starts and over the padding tail, which `supervised` tells exactly:
-seq_len - segments without a tail, p - 1 less with a tail of p >= 2 (a 1-token tail is masked as a segment start).
+Pretraining shards store no loss_mask (version 3; older folders are refused: prepare them again): `derived_loss_mask`
+rebuilds it, 1 but at segment starts and over the padding tail, which `supervised` tells exactly: seq_len - segments
+without a tail, p - 1 less with a tail of p >= 2 (a 1-token tail is masked as a segment start).
 
 `DIR/manifest.json` is written last, into a temporary folder renamed to DIR, so a folder with a manifest
 is complete. Keys: `format`, `version`, `seq_len`, `token_dtype`, `mode` (pretrain|sft), `tokenizer`
 {name, vocab_size, hash}, `chat_template_hash` (null for pretrain), `config` (the prepare settings that
 shape the output), `stats` {documents, tokens, supervised_tokens, rows, fill, dropped, truncated, split,
 empty_mask, sources, splits, length_histogram} and `splits` {split: [{name, rows, files: {file: sha256}}]}.
-Version 2 changed only how `tokenizer.hash` is computed (see `tokenizer_hash`); version 1 folders are refused.
 """
 
 import hashlib
@@ -44,7 +43,7 @@ import numpy as np
 from lacuna.errors import LacunaError
 
 FORMAT_NAME = "lacuna-packed"
-FORMAT_VERSION = 2  # 3 once prepare writes pretraining shards without loss_mask (the reader handles both)
+FORMAT_VERSION = 3
 FORMAT = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
 FILE_KINDS = ("tokens", "loss_mask", "cu_seqlens", "row_offsets", "supervised", "max_seqlen")
 SPLITS = ("train", "val")
@@ -215,8 +214,8 @@ def open_shards(directory: Path, split: str = "train", verify: bool = False) -> 
 
 
 def write_shard(directory: Path, name: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Save one shard's arrays as `{name}.{kind}.npy`, the kinds given (all but loss_mask are needed; pretraining
-    leaves it out); returns its manifest entry (rows, file hashes)."""
+    """Save one shard's arrays (those given: pretraining leaves loss_mask out) as `{name}.{kind}.npy`; returns its
+    manifest entry (rows, file hashes)."""
     files = {}
     for kind in (kind for kind in FILE_KINDS if kind in arrays):
         path = directory / f"{name}.{kind}.npy"

@@ -1,5 +1,5 @@
 """Where records come from: `--dataset` specs (local files, globs, folders, Hub names) read with datasets, and
-each process's contiguous slice of them in batches of records (JSON lines, or dicts of the dataset's columns)."""
+each process's share of them in batches of records (JSON lines, or dicts of the dataset's columns)."""
 
 import glob
 from collections.abc import Iterator
@@ -87,22 +87,28 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
     return source
 
 
-def record_batches(source: Source, source_index: int, rank: int, world: int, workers: int
+def record_batches(source: Source, source_index: int, rank: int, world: int, workers: int, runs: list[list[int]]
                    ) -> Iterator[tuple[int, int, list]]:
-    """(source index, number of the batch's first record, records) for this process's contiguous slice, in batches
-    small enough to give each of the `workers` several (a few long documents must not all land on one)."""
+    """Batches (source index, number of the first record, records) of this process's share, several per worker;
+    `runs` gets [source index, file, records] per file read (a table's contiguous slice counts as file 0)."""
     from datasets.distributed import split_dataset_by_node
 
-    dataset = split_dataset_by_node(source.dataset, rank=rank, world_size=world)
-    first = 0 if world == 1 else rank * (len(source.dataset) // world) + min(rank, len(source.dataset) % world)
-    size = BATCH_SIZE
-    if workers > 1 and hasattr(dataset, "__len__"):  # a streamed dataset has no length
-        size = max(1, min(BATCH_SIZE, len(dataset) // (4 * workers)))
+    size, first = BATCH_SIZE, 0
+    if hasattr(source.dataset, "__len__"):
+        pieces = [(0, split_dataset_by_node(source.dataset, rank=rank, world_size=world))]
+        first = rank * (len(source.dataset) // world) + min(rank, len(source.dataset) % world)
+        size = max(1, min(BATCH_SIZE, len(pieces[0][1]) // (4 * workers))) if workers > 1 else size
+    else:  # a stream: whole files, file f to process f mod W, each read on its own so its records' file is known
+        count = source.dataset.num_shards
+        pieces = [(file, source.dataset.shard(num_shards=count, index=file)) for file in range(rank, count, world)]
     try:
-        for batch in dataset.iter(batch_size=size):
-            records = batch["text"] if source.lines else [dict(zip(batch, values, strict=True))
-                                                          for values in zip(*batch.values(), strict=True)]
-            yield source_index, first, records
-            first += len(records)
+        for file, dataset in pieces:
+            runs.append([source_index, file, 0])
+            for batch in dataset.iter(batch_size=size):
+                records = batch["text"] if source.lines else [dict(zip(batch, values, strict=True))
+                                                              for values in zip(*batch.values(), strict=True)]
+                runs[-1][2] += len(records)
+                yield source_index, first, records
+                first += len(records)
     except Exception as error:
         raise read_error(source, error) from None

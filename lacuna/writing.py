@@ -1,10 +1,13 @@
-"""The merge: every process's tokenized parts are ordered, split (val hold-out, mixture weights), best-fit packed
-into rows and written as shards (lacuna/shards.py), then the manifest, then the folder is renamed into place."""
+"""The merge, divided among processes: each orders all parts' documents (source, position), splits them (seeded val
+hold-out, mixture weights: from the lengths alone) and cuts each split into groups of about --pack-group-tokens tokens;
+group g (all splits in order) is best-fit packed alone by process g mod W; the last to finish writes the manifest."""
 
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +34,31 @@ class Documents:
     masks: list[np.ndarray]
 
 
+def finished(marker: Path, fingerprint: str) -> bool:
+    """Whether a part's or group's JSON marker exists and was written for these inputs."""
+    return marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint
+
+
 def map_file(path: str, dtype: type | np.dtype) -> np.ndarray:
     """The file memory-mapped as a plain ndarray (np.memmap's subclass overhead is paid on every slice)."""
     return np.asarray(np.memmap(path, dtype=dtype, mode="r")) if os.path.getsize(path) else np.zeros(0, dtype)
 
 
 def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
-    columns: dict[str, list[np.ndarray]] = {key: [] for key in ("part", "start", "length", "status", "source")}
+    columns: dict[str, list[np.ndarray]] = {key: [] for key in ("part", "start", "length", "status", "source", "file")}
     tokens, masks = [], []
     for rank in range(world):
         stem = parts / f"part-{rank:05d}"
         tokens.append(map_file(f"{stem}.tokens.bin", dtype)), masks.append(map_file(f"{stem}.mask.bin", np.uint8))
-        lengths, counts = np.load(f"{stem}.lengths.npy"), json.loads(Path(f"{stem}.json").read_text())["documents"]
+        lengths, runs = np.load(f"{stem}.lengths.npy"), json.loads(Path(f"{stem}.json").read_text())["documents"]
+        runs = np.array(runs, np.int64).reshape(-1, 3)  # [source, file, documents] in the order they were read
         columns["part"].append(np.full(len(lengths), rank)), columns["start"].append(np.cumsum(lengths) - lengths)
         columns["length"].append(lengths), columns["status"].append(np.load(f"{stem}.status.npy"))
-        columns["source"].append(np.repeat(np.arange(len(counts)), counts))
+        source, file = np.repeat(runs[:, :2], runs[:, 2], axis=0).T
+        columns["source"].append(source), columns["file"].append(file)
     merged = {key: np.concatenate(values) for key, values in columns.items()}
-    order = np.argsort(merged["source"], kind="stable")  # parts are in rank order: (source, rank, position)
+    # stable, parts in rank order: (source, rank, position) for contiguous slices, (source, file, position) for files
+    order = np.lexsort((merged.pop("file"), merged["source"]))
     return Documents(**{key: values[order] for key, values in merged.items()}, tokens=tokens, masks=masks)
 
 
@@ -81,8 +92,7 @@ def plan_splits(documents: Documents, sources: list[Source], settings: PrepareCo
 
 
 def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(part, start, length) of each packing item: documents longer than seq_len (pretrain) become chunks that
-    overlap by one token, so every token but the document's first is a target exactly once."""
+    """(part, start, length) of each packing item: a document over seq_len becomes chunks overlapping by one token."""
     lengths = documents.length[ids]
     chunks = np.where(lengths > seq_len, -(-(lengths - 1) // (seq_len - 1)), 1)
     owner = np.repeat(ids, chunks)
@@ -113,56 +123,76 @@ def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents
             "max_seqlen": np.array(max_seqlen, np.int32)}
 
 
-def pack_and_write(documents: Documents, split: str, ids: np.ndarray, settings: PrepareConfig, out: Path,
-                   dtype: np.dtype, pad_id: int) -> tuple[list[dict], dict, np.ndarray]:
-    parts, starts, lengths = segments(documents, ids, settings.seq_len)
-    rows = best_fit_decreasing(lengths, settings.seq_len) if len(lengths) else []
-    order = np.random.default_rng([settings.seed, 2 + SPLITS.index(split)]).permutation(len(rows))
-    rows = [rows[index] for index in order]
-    items = (parts.tolist(), starts.tolist(), lengths.tolist())
+def plan_groups(items: dict[str, tuple[np.ndarray, ...]], group_tokens: int) -> list[tuple[str, int, int, int]]:
+    """(split, group, first item, end item) of each group: an item starting at k × group_tokens opens group k."""
+    groups = []
+    for split, (_, _, lengths) in items.items():
+        bounds = np.searchsorted(np.cumsum(lengths) - lengths, np.arange(0, lengths.sum(), group_tokens)).tolist()
+        groups += [(split, group, first, end) for group, (first, end) in enumerate(pairwise([*bounds, len(lengths)]))]
+    return groups
+
+
+def pack_group(documents: Documents, items: list[np.ndarray], split: str, index: int, settings: PrepareConfig,
+               directory: Path, dtype: np.dtype, pad_id: int) -> dict[str, Any]:
+    """Best-fit pack one group's (part, start, length) items, shuffle the rows, write the shards; returns counts."""
+    rows = best_fit_decreasing(items[2], settings.seq_len)
+    # group 0 is seeded as the single global packing was (seeds 2 and 3), later groups after it
+    order = np.random.default_rng([settings.seed, 2 + SPLITS.index(split) + 2 * index]).permutation(len(rows))
+    rows = [rows[position] for position in order]
+    items = [values.tolist() for values in items]
     shards, supervised = [], 0
-    for index, first in enumerate(range(0, len(rows), settings.rows_per_shard)):
-        shard_rows = rows[first:first + settings.rows_per_shard]
-        arrays = build_shard(shard_rows, items, documents, settings.seq_len, dtype, pad_id)
+    for number, row in enumerate(range(0, len(rows), settings.rows_per_shard)):
+        arrays = build_shard(rows[row:row + settings.rows_per_shard], items, documents, settings.seq_len, dtype, pad_id)
         supervised += int(arrays["supervised"].sum())
-        shards.append(write_shard(out, f"{split}-{index:05d}", arrays))
-    tokens = int(lengths.sum())
-    stats = {"documents": len(ids), "tokens": tokens, "supervised_tokens": supervised, "rows": len(rows),
-             "fill": round(tokens / max(len(rows) * settings.seq_len, 1), 6)}
-    return shards, stats, lengths
+        if settings.mode == "pretrain":
+            del arrays["loss_mask"]  # the reader derives it from cu_seqlens and supervised (lacuna/shards.py)
+        shards.append(write_shard(directory, f"{split}-{index:05d}-{number:05d}", arrays))  # split-group-shard
+    return {"shards": shards, "rows": len(rows), "supervised_tokens": supervised}
 
 
-def merge(sources: list[Source], settings: PrepareConfig, world: int, partial: Path, out: Path,
-          header: dict[str, Any]) -> dict[str, Any]:
-    """Plan, pack and write every split from all parts, then the manifest, then rename the folder into place."""
-    dtype = np.dtype(header["token_dtype"])
+def merge(sources: list[Source], settings: PrepareConfig, rank: int, world: int, partial: Path, out: Path,
+          header: dict[str, Any], fingerprint: str, dtype: np.dtype) -> dict[str, Any] | None:
+    """Pack and write this process's groups; the last to finish writes and returns the manifest (others: None)."""
     documents = load_parts(partial / "parts", world, dtype)
     splits, report = plan_splits(documents, sources, settings)
-    manifest = {**header, "splits": {}}
-    stats: dict[str, Any] = {"splits": {}}
-    all_lengths = []
+    items = {split: segments(documents, ids, settings.seq_len) for split, ids in splits.items()}
+    groups = plan_groups(items, settings.pack_group_tokens)
+    markers = [partial / "parts" / f"group-{split}-{index:05d}.json" for split, index, _, _ in groups]
+    for (split, index, first, end), marker in list(zip(groups, markers, strict=True))[rank::world]:
+        if not finished(marker, fingerprint):  # else written by an interrupted run of the same inputs
+            group = [values[first:end] for values in items[split]]
+            result = pack_group(documents, group, split, index, settings, partial, dtype, header["pad_id"])
+            write_atomically(marker, json.dumps(result | {"fingerprint": fingerprint}))
+    if not all(finished(marker, fingerprint) for marker in markers):
+        return None
+    results = [json.loads(marker.read_text()) for marker in markers]
+    try:  # one process finishes: the one that moves the parts away (the others find them, or the folder, gone)
+        os.rename(partial / "parts", partial / "packed")
+    except FileNotFoundError:
+        return None
+    manifest, stats = {**header, "splits": {}}, {"splits": {}}
     for split, ids in splits.items():
-        manifest["splits"][split], stats["splits"][split], lengths = pack_and_write(
-            documents, split, ids, settings, partial, dtype, header["pad_id"])
-        all_lengths.append(lengths)
-    for key in ("documents", "tokens", "supervised_tokens", "rows"):
-        stats[key] = sum(split_stats[key] for split_stats in stats["splits"].values())
-    stats["fill"] = round(stats["tokens"] / max(stats["rows"] * settings.seq_len, 1), 6)
-    planned = np.concatenate(list(splits.values()))
+        own = [result for (name, *_), result in zip(groups, results, strict=True) if name == split]
+        manifest["splits"][split] = [shard for result in own for shard in result["shards"]]
+        counted = {key: sum(result[key] for result in own) for key in ("supervised_tokens", "rows")}
+        stats["splits"][split] = {"documents": len(ids), "tokens": int(items[split][2].sum()), **counted}
+    stats |= {key: sum(counts[key] for counts in stats["splits"].values()) for key in stats["splits"]["train"]}
+    for counts in (*stats["splits"].values(), stats):
+        counts["fill"] = round(counts["tokens"] / max(counts["rows"] * settings.seq_len, 1), 6)
     stats |= {key: int(np.sum(documents.status == value)) for key, value in
               (("dropped", DROPPED), ("truncated", TRUNCATED), ("empty_mask", EMPTY), ("all_turns_excluded", EXCLUDED))}
-    stats["split"] = int(np.sum(documents.length[planned] > settings.seq_len))
+    stats["split"] = sum(int(np.sum(documents.length[ids] > settings.seq_len)) for ids in splits.values())
     edges = [2**power for power in range(int(np.log2(settings.seq_len)) + 1)] + [settings.seq_len + 1]
-    stats["length_histogram"] = {"edges": edges, "counts": np.histogram(np.concatenate(all_lengths), edges)[0].tolist()}
+    lengths = np.concatenate([lengths for _, _, lengths in items.values()])
+    stats["length_histogram"] = {"edges": edges, "counts": np.histogram(lengths, edges)[0].tolist()}
     stats["sources"] = report
     if settings.mode == "sft":  # conversations by kind and turns left out of the loss, counted by each part
-        counted = [json.loads((partial / "parts" / f"part-{rank:05d}.json").read_text())["conversations"]
-                   for rank in range(world)]
-        stats["conversations"] = {key: sum(part.get(key, 0) for part in counted)
-                                  for key in sorted(set().union(*counted))}
+        conversations = Counter()
+        for marker in (partial / "packed").glob("part-*.json"):
+            conversations.update(json.loads(marker.read_text())["conversations"])
+        stats["conversations"] = dict(sorted(conversations.items()))
     manifest["stats"] = stats
-    shutil.rmtree(partial / "parts")
-    (partial / "merge.lock").unlink()
+    shutil.rmtree(partial / "packed")
     write_atomically(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)  # only reached with --overwrite (checked at the start)

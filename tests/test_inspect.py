@@ -64,12 +64,12 @@ def test_reader_rejects_what_training_must_not_use(prepared: Path, tmp_path: Pat
     shutil.copytree(prepared, copy)
     shards = open_shards(copy)
     assert shards.supervised_counts.dtype == np.int64 and shards.supervised_counts.sum() > 0
-    tokens = next(copy.glob("train-00000.tokens.npy"))
+    tokens = next(copy.glob("train-00000-00000.tokens.npy"))
     data = bytearray(tokens.read_bytes())
     data[-1] ^= 1
     tokens.write_bytes(bytes(data))
     open_shards(copy)  # a flipped bit goes unnoticed without verification...
-    with pytest.raises(LacunaError, match="train-00000.tokens.npy' fails its sha256 check"):
+    with pytest.raises(LacunaError, match="train-00000-00000.tokens.npy' fails its sha256 check"):
         inspect(copy, row=None, split="train", as_json=True, verify=True)  # ...and is caught with it
     with pytest.raises(LacunaError, match="row 99999 is out of range"):
         shards.row(99999)
@@ -79,8 +79,8 @@ def test_reader_rejects_what_training_must_not_use(prepared: Path, tmp_path: Pat
     with pytest.raises(LacunaError, match="tokens.npy' is missing"):
         open_shards(copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
-    with pytest.raises(LacunaError, match="version 99, not 'lacuna-packed' version 2"):
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))  # an older folder
+    with pytest.raises(LacunaError, match="version 2, not 'lacuna-packed' version 3: prepare it again"):
         open_shards(copy)
     (copy / "manifest.json").write_text("{truncated")
     with pytest.raises(LacunaError, match="holds format None"):

@@ -1,41 +1,66 @@
-"""The derived pretraining loss mask: a folder without loss_mask files reads, trains and inspects as the stored one."""
+"""Format 3: pretraining folders without loss_mask files read, train and inspect as format 2's stored mask did."""
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from lacuna import writing
 from lacuna.assets import materialize
 from lacuna.errors import LacunaError
 from lacuna.inspection import inspect
 from lacuna.loader import Loader
 from lacuna.prepare import main
-from lacuna.shards import SPLITS, derived_loss_mask, open_shards
+from lacuna.shards import FORMAT_VERSION, SPLITS, derived_loss_mask, open_shards
+from lacuna.writing import pack_group
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A pretrain folder as prepare writes it (loss_mask stored) and a copy whose manifest lists no loss_mask."""
+    """The same data prepared by the format-2 writer (loss_mask stored: the writer as SFT runs it) and as prepare
+    writes pretraining now (format 3: no loss_mask, the reader derives it)."""
     materialize(DATA)
     root = tmp_path_factory.mktemp("pretrain-mask")
     lines = (DATA / "corpus" / "stdlib.jsonl").read_text().splitlines()[:40]
     short = [json.dumps({"text": f"def f{index}(): return {index}\n" * (index % 7 + 1)}) for index in range(200)]
     (root / "corpus.jsonl").write_text("\n".join(lines + short) + "\n")
-    main(["pretrain", "--dataset", str(root / "corpus.jsonl"), "--out", str(root / "stored"), "--tokenizer",
-          str(DATA / "models" / "SmolLM2-config"), "--seq-len", "256", "--val-fraction", "0.05", "--quiet"])
-    shutil.copytree(root / "stored", root / "derived")
-    manifest = json.loads((root / "derived" / "manifest.json").read_text())
-    for shard in (shard for split in manifest["splits"].values() for shard in split):
-        name = f"{shard['name']}.loss_mask.npy"
-        del shard["files"][name]
-        (root / "derived" / name).unlink()
-    (root / "derived" / "manifest.json").write_text(json.dumps(manifest))
+    arguments = ["pretrain", "--dataset", str(root / "corpus.jsonl"), "--tokenizer",
+                 str(DATA / "models" / "SmolLM2-config"), "--seq-len", "256", "--val-fraction", "0.05",
+                 "--pack-group-tokens", "20000", "--quiet"]
+    main([*arguments, "--out", str(root / "derived")])
+    with pytest.MonkeyPatch.context() as patch:  # format 2 kept the mask build_shard makes from the parts' masks
+        def keeping_the_mask(*arguments: Any) -> dict[str, Any]:
+            documents, items, split, index, settings, *rest = arguments
+            return pack_group(documents, items, split, index, settings.model_copy(update={"mode": "sft"}), *rest)
+
+        patch.setattr(writing, "pack_group", keeping_the_mask)
+        main([*arguments, "--out", str(root / "stored")])
     return root / "stored", root / "derived"
+
+
+def test_format_3_leaves_the_mask_out_of_pretraining_shards(folders: tuple[Path, Path]) -> None:
+    stored, derived = (json.loads((folder / "manifest.json").read_text()) for folder in folders)
+    assert derived["version"] == FORMAT_VERSION == 3 and len(derived["splits"]["train"]) > 2  # several groups
+    kinds = [{name.split(".")[-2] for shard in manifest["splits"]["train"] for name in shard["files"]}
+             for manifest in (stored, derived)]
+    assert kinds[0] - kinds[1] == {"loss_mask"} and "loss_mask" not in {path.name.split(".")[-2]
+                                                                        for path in folders[1].iterdir()}
+    assert derived["stats"] == stored["stats"]  # supervised stays exactly the mask's sum
+
+
+def test_pretraining_bytes_per_token_position(tmp_path: Path) -> None:
+    """uint16 tokens and the row index: at most 2.05 bytes per stored token position (format 2: 3.0)."""
+    (tmp_path / "code.jsonl").write_text("".join((DATA / "corpus" / "stdlib.jsonl").open().readlines()[:60]))
+    main(["pretrain", "--dataset", str(tmp_path / "code.jsonl"), "--tokenizer", str(DATA / "models" / "SmolLM2-config"),
+          "--out", str(tmp_path / "out"), "--quiet"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    size = sum(path.stat().st_size for path in (tmp_path / "out").glob("*.npy"))
+    assert manifest["token_dtype"] == "uint16" and size / (manifest["stats"]["rows"] * manifest["seq_len"]) <= 2.05
 
 
 def test_the_derived_mask_equals_the_stored_one_row_by_row(folders: tuple[Path, Path]) -> None:
