@@ -157,22 +157,22 @@ def merge(sources: list[Source], settings: PrepareConfig, rank: int, world: int,
     splits, report = plan_splits(documents, sources, settings)
     items = {split: segments(documents, ids, settings.seq_len) for split, ids in splits.items()}
     groups = plan_groups(items, settings.pack_group_tokens)
-    markers = [partial / "parts" / f"group-{split}-{index:05d}.json" for split, index, _, _ in groups]
-    for (split, index, first, end), marker in list(zip(groups, markers, strict=True))[rank::world]:
-        if not finished(marker, fingerprint):  # else written by an interrupted run of the same inputs
-            group = [values[first:end] for values in items[split]]
-            result = pack_group(documents, group, split, index, settings, partial, dtype, header["pad_id"])
-            write_atomically(marker, json.dumps(result | {"fingerprint": fingerprint}))
+    markers = [partial / "parts" / f"packed-{index:05d}.json" for index in range(world)]  # every process, groups or not
+    if not finished(markers[rank], fingerprint):  # else kept from an interrupted run of the same inputs
+        results = {f"{split}-{index}": pack_group(documents, [values[first:end] for values in items[split]], split,
+                                                  index, settings, partial, dtype, header["pad_id"])
+                   for split, index, first, end in groups[rank::world]}
+        write_atomically(markers[rank], json.dumps({"fingerprint": fingerprint, "groups": results}))
     if not all(finished(marker, fingerprint) for marker in markers):
         return None
-    results = [json.loads(marker.read_text()) for marker in markers]
+    results = {key: result for marker in markers for key, result in json.loads(marker.read_text())["groups"].items()}
     try:  # one process finishes: the one that moves the parts away (the others find them, or the folder, gone)
         os.rename(partial / "parts", partial / "packed")
     except FileNotFoundError:
         return None
     manifest, stats = {**header, "splits": {}}, {"splits": {}}
     for split, ids in splits.items():
-        own = [result for (name, *_), result in zip(groups, results, strict=True) if name == split]
+        own = [results[f"{name}-{index}"] for name, index, _, _ in groups if name == split]
         manifest["splits"][split] = [shard for result in own for shard in result["shards"]]
         counted = {key: sum(result[key] for result in own) for key in ("supervised_tokens", "rows")}
         stats["splits"][split] = {"documents": len(ids), "tokens": int(items[split][2].sum()), **counted}

@@ -32,7 +32,8 @@ def prepare(mode: str, out: Path, processes: int, *arguments: str) -> dict:
     else:
         context = multiprocessing.get_context("fork")
         started = [context.Process(target=main, args=([*command, "--shard-index", str(index), "--num-shards",
-                                                       str(processes)],)) for index in range(processes)]
+                                                       str(processes)],), daemon=True)  # none outlives a failure
+                   for index in range(processes)]
         for process in started:
             process.start()
         for process in started:
@@ -64,7 +65,8 @@ def test_sft_byte_identical_for_1_2_and_4_processes(tmp_path: Path) -> None:
 
 
 def test_streamed_files_split_between_processes_equal_one_process(tmp_path: Path) -> None:
-    """Whole files per process (4 files: 2 each for 2 processes; 2, 1, 1 for 3), in (file, position) order."""
+    """Whole files per process (4 files: 2 each for 2 processes; 2, 1, 1 for 3), in (file, position) order; with 3
+    processes and 2 packing groups (train, val), one process packs nothing and must still not be left waiting."""
     materialize(DATA)
     lines = (DATA / "corpus" / "stdlib.jsonl").read_text().splitlines()[:24]
     lines += [json.dumps({"text": f"x = {index}\n" * (index % 9 + 1)}) for index in range(60)]
@@ -72,7 +74,7 @@ def test_streamed_files_split_between_processes_equal_one_process(tmp_path: Path
     for index in range(4):  # files of different lengths, so that a process's records are not a fixed stride
         (tmp_path / "code" / f"{index}.jsonl").write_text("\n".join(lines[index * index * 4:(index + 1) ** 2 * 4 + 4]))
     common = ["--dataset", str(tmp_path / "code"), "--seq-len", "512", "--val-fraction", "0.1",
-              "--rows-per-shard", "16", "--pack-group-tokens", "40000"]
+              "--rows-per-shard", "16", "--pack-group-tokens", "1000000"]  # 2 groups: a process without any
     prepare("pretrain", tmp_path / "table", 1, *common)
     reference = files(tmp_path / "table")
     assert len([name for name in reference if name.endswith("tokens.npy")]) > 3
