@@ -1,6 +1,6 @@
 """`make bench`: the prepare and train benchmarks of issues 3 and 4, side by side with TRL and HF Trainer.
 
-    .venv/bin/python pipelines/bench.py [--quick] [--only peak,prepare,fill,train,mfu,rss]
+    .venv/bin/python pipelines/bench.py [--quick] [--only peak,prepare,fill,scale,train,mfu,rss]
 
 Writes data/bench/results.json (every raw figure) and data/bench/results.md (the table, also printed). --only
 reruns some sections and keeps the others' last results. Benchmarks, not tests: nothing asserts, and every figure
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "data" / "bench"
 WORK = BENCH / "work"  # inputs, prepared folders, runs: deleted at the end of a run
 TOKENIZER = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
-SECTIONS = ("peak", "prepare", "fill", "train", "mfu", "rss")
+SECTIONS = ("peak", "prepare", "fill", "scale", "train", "mfu", "rss")
 THREADS = 2
 RESULT_PREFIX = "BENCH-RESULT "
 
@@ -111,6 +111,7 @@ def main() -> None:
     started = time.perf_counter()
     results |= {"quick": arguments.quick, "date": time.strftime("%Y-%m-%d %H:%M"), "environment": environment()}
     runners = {"peak": bench_train.peak, "prepare": bench_prepare.prepare_throughput, "fill": bench_prepare.fill,
+               "scale": bench_prepare.scale,
                "train": bench_train.train_throughput, "mfu": bench_train.mfu, "rss": bench_train.rss}
     for section in chosen:
         print(f"== {section}", flush=True)

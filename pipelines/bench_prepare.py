@@ -7,13 +7,16 @@ Worker (a fresh process and an empty datasets cache per run, so no side reuses a
 
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench import ROOT, TOKENIZER, WORK, figure, report, run_worker
+from bench import RESULT_PREFIX, ROOT, THREADS, TOKENIZER, WORK, figure, report, run_worker
 
 SEQ_LEN = 2048
 CORPUS = ROOT / "data" / "corpus"
@@ -308,6 +311,155 @@ def fill(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
              "Greedy = documents in order, a new row when the next does not fit. TRL bfd packs each `datasets.map` "
              "batch (1000 documents by default) on its own; 'one batch' packs all at once."]
     return {"figures": figures, "raw": raw, "notes": notes}
+
+
+# ----------------------------------------------------------------------------- scale (issue 12)
+
+
+def scale_worker(dataset: str, out: str, rank: int, world: int) -> dict[str, Any]:
+    """One `lacuna prepare pretrain` process (of `world`, --shard-index/--num-shards), timed by phase: tokenize (its
+    part), wait (for the others' parts) and merge (its packing groups, and the manifest if it finishes last); peak
+    RSS (all pages, file-backed ones of the memory-mapped data included) and peak anonymous RSS, sampled."""
+    import resource
+    import threading
+
+    import lacuna.prepare as prepare
+
+    phases: dict[str, float] = {"tokenizer": 0.0, "read": 0.0, "tokenize": 0.0, "wait": 0.0, "merge": 0.0}
+
+    def timed(name: str, function: Any) -> Any:
+        def run(*arguments: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*arguments)
+            finally:
+                phases[name] += time.perf_counter() - started
+        return run
+
+    for name, function in (("tokenizer", "load_tokenizer"), ("read", "load_source"), ("tokenize", "tokenize_part"),
+                           ("wait", "wait_for_parts"), ("merge", "merge")):
+        setattr(prepare, function, timed(name, getattr(prepare, function)))
+    anonymous, running = [0], [True]
+
+    def sample() -> None:  # RssAnon has no high-water mark of its own
+        while running[0]:
+            line = next(line for line in Path("/proc/self/status").open() if line.startswith("RssAnon:"))
+            anonymous[0] = max(anonymous[0], int(line.split()[1]) * 1024)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    prepare.main(["pretrain", "--dataset", dataset, "--tokenizer", str(TOKENIZER), "--seq-len", str(SEQ_LEN),
+                  "--out", out, "--quiet", "--shard-index", str(rank), "--num-shards", str(world)])
+    seconds = time.perf_counter() - started
+    running[0] = False
+    sampler.join()
+    return {"rank": rank, "seconds": seconds, **phases, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            * 1024, "peak_anonymous_rss": anonymous[0]}
+
+
+def prepare_concurrently(dataset: Path, out: Path, processes: int) -> list[dict[str, Any]]:
+    """`processes` scale workers started at once on this machine (as on the nodes of a shared filesystem), with
+    their own empty datasets cache; each worker's result, by rank."""
+    shutil.rmtree(out, ignore_errors=True)
+    cache = out.with_name(out.name + "-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    environment = os.environ | {"OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT / "pipelines"),
+                                "HF_DATASETS_CACHE": str(cache)}
+    started = [subprocess.Popen([sys.executable, __file__, "scale", str(dataset), str(out), str(rank), str(processes)],
+                                cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for rank in range(processes)]
+    results = []
+    for process in started:
+        stdout, stderr = process.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if process.returncode or not lines:
+            raise RuntimeError(f"scale worker failed ({process.returncode}):\n{stderr[-3000:]}")
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+    shutil.rmtree(cache, ignore_errors=True)
+    return results
+
+
+def scale(quick: bool, previous: dict[str, Any]) -> dict[str, Any]:
+    """Issue 12: `lacuna prepare pretrain` of the stdlib corpus ×1, ×10, ×30 in one process (time per token, merge
+    share, peak memory, bytes per token on disk), and ×10 with 1, 2 and 4 concurrent processes (the slowest merge)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    text = (CORPUS / "stdlib.jsonl").read_text()
+    repeats, multiple = ((1, 3), 3) if quick else ((1, 10, 30), 10)
+    figures, raw, notes = [], {}, []
+    for repeat in repeats:
+        dataset = WORK / f"stdlib-x{repeat}.jsonl"
+        dataset.write_text(text * repeat)
+        out = WORK / f"scale-x{repeat}"
+        (result,) = prepare_concurrently(dataset, out, 1)
+        manifest = json.loads((out / "manifest.json").read_text())
+        stats, size = manifest["stats"], sum(path.stat().st_size for path in out.glob("*.npy"))
+        raw[f"x{repeat}"] = result | {"tokens": stats["tokens"], "rows": stats["rows"], "bytes": size,
+                                      "groups": len({path.name.split("-")[1] for path in out.glob("train-*")})}
+        if repeat != multiple:  # the ×multiple input and output serve the process runs below
+            shutil.rmtree(out)
+            dataset.unlink()
+    per_token = {key: run["seconds"] / run["tokens"] for key, run in raw.items()}
+    first, last = f"x{repeats[0]}", f"x{repeats[-1]}"
+    change = per_token[last] / per_token[first] - 1
+    on = "stdlib.jsonl repeated, pretrain, seq_len 2048, one process, its own empty datasets cache, timed after imports"
+    figures.append(figure(f"time per token ×{repeats[0]} → ×{repeats[-1]}", change, ", ".join(
+        f"{key}: {1e9 * value:,.0f} ns ({raw[key]['tokens'] / raw[key]['seconds'] / 1e6:.2f} M tokens/s)"
+        for key, value in per_token.items()) + f"; {100 * change:+.1f} %", "flat within 10 %", abs(change) <= 0.10, on))
+    for key, run in raw.items():
+        share = run["merge"] / run["seconds"]
+        figures.append(figure(f"merge share ({key})", share, f"{100 * share:.1f} % ({run['merge']:.2f} s of "
+                              f"{run['seconds']:.1f} s; {run['groups']} packing group(s), {run['tokens']:,} tokens)",
+                              "< 5 %", share < 0.05, on))
+    for key, run in raw.items():
+        figures.append(figure(f"peak memory ({key})", run["peak_anonymous_rss"],
+                              f"{run['peak_anonymous_rss'] / 2**20:,.0f} MiB anonymous, {run['peak_rss'] / 2**20:,.0f}"
+                              " MiB RSS with file-backed pages", "", None, on))
+    for key, run in raw.items():
+        per_token_bytes, per_position = run["bytes"] / run["tokens"], run["bytes"] / (run["rows"] * SEQ_LEN)
+        figures.append(figure(f"bytes per token on disk ({key})", per_token_bytes, f"{per_token_bytes:.3f} "
+                              f"({per_position:.3f} per stored position; uint16 tokens, no loss_mask)", "≤ 2.05",
+                              per_token_bytes <= 2.05, on))
+    dataset, reference = WORK / f"stdlib-x{multiple}.jsonl", WORK / f"scale-x{multiple}"
+    merges = {1: raw[f"x{multiple}"]["merge"]}
+    for processes in (2, 4):
+        out = WORK / f"scale-x{multiple}-{processes}"
+        runs = prepare_concurrently(dataset, out, processes)
+        raw[f"x{multiple}/{processes} processes"] = runs
+        merges[processes] = max(run["merge"] for run in runs)
+        same = json.loads((out / "manifest.json").read_text())["splits"] == json.loads(
+            (reference / "manifest.json").read_text())["splits"]
+        notes.append(f"scale: ×{multiple} with {processes} processes: shards "
+                     f"{'byte-identical' if same else 'DIFFERENT'} to one process's (the manifests' sha256 of every "
+                     "file); wall "
+                     f"{max(run['seconds'] for run in runs):.1f} s, each process's merge part "
+                     + ", ".join(f"{run['merge']:.2f} s" for run in runs))
+        shutil.rmtree(out)
+    shutil.rmtree(reference), dataset.unlink()
+    on = (f"stdlib.jsonl ×{multiple}, pretrain, seq_len 2048, --pack-group-tokens {2**23} (the default: "
+          f"{raw[f'x{multiple}']['groups']} train groups), processes started at once with --shard-index/--num-shards")
+    figures.append(figure("slowest process's merge part, 1 / 2 / 4 processes", merges[4] / merges[1], " / ".join(
+        f"{merges[count]:.2f} s" for count in (1, 2, 4)) + f" ({merges[1] / merges[4]:.1f}× less with 4)",
+                          "divides between processes", merges[4] < merges[1], on))
+    notes.append("scale: the machine is shared and has 2 cores (4 concurrent processes share them, so their merges "
+                 "overlap at most 2 at a time); the figures move with the other users' load (the load average is "
+                 "recorded per worker in results.json). Merge = from every part tokenized to the process's groups "
+                 "written (the last process also writes the manifest); datasets' JSON-to-Arrow conversion and the "
+                 "tokenizer load count in the total, not in tokenize or merge. Anonymous RSS is sampled every 20 ms; "
+                 "full RSS also counts the pages of the memory-mapped Arrow cache and parts that were read.")
+    return {"figures": figures, "raw": raw, "notes": notes}
+
+
+if __name__ == "__main__" and sys.argv[1] == "scale":  # bench_prepare.py scale DATASET OUT RANK WORLD
+    import datasets  # noqa: F401  (imports are not timed)
+    from transformers import AutoTokenizer
+
+    import lacuna.prepare  # noqa: F401
+
+    AutoTokenizer.from_pretrained(TOKENIZER)  # finishes transformers' lazy imports, as the throughput workers do
+    report(scale_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+    sys.exit()
 
 
 if __name__ == "__main__":
