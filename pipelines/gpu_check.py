@@ -20,13 +20,13 @@ that the shards come from the lacuna that will train on them (`make gpu-check GP
     .venv/bin/python pipelines/gpu_check.py --prepare-only   # data/gpu_check/{model,shards}: ~16 MB, travels
     .venv/bin/python pipelines/gpu_check.py --cpu-smoke      # the same code paths, tiny and fp32 on CPU (~2-3 min)
 and the wheels of what the device machine lacks, at uv.lock's versions (`/.whl/` is in .gitignore): pydantic and
-its needs, tomli-w, liger-kernel, and transformers 5.24 with the regex it needs, since the machine's transformers
-5.17 has no 2-D boolean `logits_to_keep`, which lacuna.model.loss_sum passes (torch 2.11, triton 3.6, tokenizers
-0.23.2, huggingface-hub 1.33, jaxtyping, rich and numpy are there and do):
+its needs, tomli-w and liger-kernel (torch 2.11, triton 3.6, transformers 5.17, tokenizers 0.23.2, huggingface-hub
+1.33, jaxtyping, rich and numpy are there and do; lacuna passes transformers a 1-D `logits_to_keep`, which 5.17
+accepts):
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-        typing-extensions==4.16.0 tomli-w==1.2.0 liger-kernel==0.8.5 transformers==5.24.0 regex==2026.11.19
+        typing-extensions==4.16.0 tomli-w==1.2.0 liger-kernel==0.8.5
 On the device machine (tool `run`, carry [".whl", "data/gpu_check"], timeout_s 600; this script stops its own
 parts after --budget seconds, 470 by default; expected to take 5 to 8 minutes, not yet measured there):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -793,11 +793,6 @@ def main(arguments: list[str] | None = None) -> int:
                                    f"machine and carry {DATA.relative_to(ROOT)}")
             prepare(scale)
         notes: list[str] = []
-        import transformers.modeling_utils
-
-        if not hasattr(transformers.modeling_utils, "slice_logits_to_keep"):
-            notes.append(f"transformers {transformers.__version__} has no 2-D boolean logits_to_keep, which "
-                         "lacuna.model.loss_sum passes: carry transformers-5.24.0 (this docstring)")
         model = trainer_model_folder(scale, notes)
         trainer = Trainer(scale, model, options.logs or options.out.with_name(options.out.stem + "_logs"), deadline)
         manifest = json.loads((shards / "manifest.json").read_text())
