@@ -73,7 +73,9 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
             batches = record_batches(source, index, rank, world, settings.num_proc, runs)
             for result in in_order(pool, batches, 2 * settings.num_proc) if pool else map(encoder, batches):
-                tokens_file.write(result[0].tobytes()), mask_file.write(result[1].tobytes())
+                tokens_file.write(result[0].tobytes())
+                if settings.mode == "sft":  # a pretraining mask is 1 but at document starts: the writer knows it
+                    mask_file.write(result[1].tobytes())
                 per_document[0].append(result[2]), per_document[1].append(result[3]), conversations.update(result[4])
                 documents, tokens = documents + len(result[2]), tokens + len(result[0])
                 elapsed = max(time.perf_counter() - start, 1e-9)

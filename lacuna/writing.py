@@ -52,13 +52,15 @@ def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
     tokens, masks = [], []
     for rank in range(world):
         stem = parts / f"part-{rank:05d}"
-        tokens.append(map_file(f"{stem}.tokens.bin", dtype)), masks.append(map_file(f"{stem}.mask.bin", np.uint8))
+        tokens.append(map_file(f"{stem}.tokens.bin", dtype))
+        masks.append(map_file(f"{stem}.mask.bin", np.uint8))  # empty for pretraining parts
         lengths, runs = np.load(f"{stem}.lengths.npy"), json.loads(Path(f"{stem}.json").read_text())["documents"]
         runs = np.array(runs, np.int64).reshape(-1, 3)  # [source, file, documents] in the order they were read
-        columns["part"].append(np.full(len(lengths), rank)), columns["start"].append(np.cumsum(lengths) - lengths)
-        columns["length"].append(lengths), columns["status"].append(np.load(f"{stem}.status.npy"))
         source, file = np.repeat(runs[:, :2], runs[:, 2], axis=0).T
-        columns["source"].append(source), columns["file"].append(file)
+        values = {"part": np.full(len(lengths), rank), "start": np.cumsum(lengths) - lengths, "length": lengths,
+                  "status": np.load(f"{stem}.status.npy"), "source": source, "file": file}
+        for key, value in values.items():
+            columns[key].append(value)
     merged = {key: np.concatenate(values) for key, values in columns.items()}
     # stable, parts in rank order: (source, rank, position) for contiguous slices, (source, file, position) for files
     order = np.lexsort((merged.pop("file"), merged["source"]))
@@ -104,7 +106,9 @@ def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> tuple[np.nd
 
 
 def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents: Documents, seq_len: int,
-                dtype: np.dtype, pad_id: int) -> dict[str, np.ndarray]:
+                dtype: np.dtype, pad_id: int, stored_masks: bool) -> dict[str, np.ndarray]:
+    """One shard's arrays; without `stored_masks` (pretraining parts keep none) every position but a segment's
+    first is a target."""
     tokens = np.full((len(rows), seq_len), pad_id, dtype)
     loss_mask = np.zeros((len(rows), seq_len), np.uint8)
     boundaries, row_offsets, max_seqlen = [], [0], []
@@ -114,7 +118,8 @@ def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents
         for item in row:
             part, start, length, position = parts[item], starts[item], lengths[item], bounds[-1]
             tokens[index, position:position + length] = documents.tokens[part][start:start + length]
-            loss_mask[index, position + 1:position + length] = documents.masks[part][start + 1:start + length]
+            loss_mask[index, position + 1:position + length] = (documents.masks[part][start + 1:start + length]
+                                                                if stored_masks else 1)
             bounds.append(position + length)
         if bounds[-1] < seq_len:
             bounds.append(seq_len)  # the padding tail: its own segment
@@ -145,7 +150,8 @@ def pack_group(documents: Documents, items: list[np.ndarray], split: str, index:
     items = [values.tolist() for values in items]
     shards, supervised = [], 0
     for number, row in enumerate(range(0, len(rows), settings.rows_per_shard)):
-        arrays = build_shard(rows[row:row + settings.rows_per_shard], items, documents, settings.seq_len, dtype, pad_id)
+        arrays = build_shard(rows[row:row + settings.rows_per_shard], items, documents, settings.seq_len, dtype, pad_id,
+                             stored_masks=settings.mode == "sft")
         supervised += int(arrays["supervised"].sum())
         if settings.mode == "pretrain":
             del arrays["loss_mask"]  # the reader derives it from cu_seqlens and supervised (lacuna/shards.py)

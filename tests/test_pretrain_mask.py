@@ -33,11 +33,14 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                  str(DATA / "models" / "SmolLM2-config"), "--seq-len", "256", "--val-fraction", "0.05",
                  "--pack-group-tokens", "20000", "--quiet"]
     main([*arguments, "--out", str(root / "derived")])
-    with pytest.MonkeyPatch.context() as patch:  # format 2 kept the mask build_shard makes from the parts' masks
+    with pytest.MonkeyPatch.context() as patch:  # format 2 stored the pretraining mask build_shard makes
         def keeping_the_mask(*arguments: Any) -> dict[str, Any]:
             documents, items, split, index, settings, *rest = arguments
             return pack_group(documents, items, split, index, settings.model_copy(update={"mode": "sft"}), *rest)
 
+        build_shard = writing.build_shard  # from the segments: pretraining parts hold no per-token mask
+        patch.setattr(writing, "build_shard", lambda *arguments, stored_masks: build_shard(*arguments,
+                                                                                          stored_masks=False))
         patch.setattr(writing, "pack_group", keeping_the_mask)
         main([*arguments, "--out", str(root / "stored")])
     return root / "stored", root / "derived"
