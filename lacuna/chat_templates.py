@@ -13,10 +13,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from lacuna.errors import LacunaError
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}.*?\{%-?\s*endgeneration\s*-?%\}", re.DOTALL)
-# The first marker found in the vocabulary picks the template (Qwen3 and Gemma/Mistral/Llama test tokenizers may
-# also hold <|im_start|>, so the more specific markers come first).
-FAMILY_TEMPLATES = {"<start_of_turn>": "gemma3.jinja", "[INST]": "mistral.jinja",
-                    "<|start_header_id|>": "llama3.jinja", "<think>": "qwen3.jinja", "<|im_start|>": "chatml.jinja"}
+# The first family whose marker tokens are all in the vocabulary picks the template (Qwen3 and Gemma/Mistral/Llama
+# test tokenizers may also hold <|im_start|>, so the more specific families come first).
+FAMILY_TEMPLATES = {("<start_of_turn>",): "gemma3.jinja", ("[INST]",): "mistral.jinja",
+                    ("<|start_header_id|>",): "llama3.jinja", ("<|im_start|>", "<think>"): "qwen3.jinja",
+                    ("<|im_start|>",): "chatml.jinja"}
 
 
 def load_template(path: str | Path | None, tokenizer: Any) -> str:
@@ -27,8 +28,8 @@ def load_template(path: str | Path | None, tokenizer: Any) -> str:
         except OSError as error:
             raise LacunaError(f"cannot read chat template {path} ({error.strerror}): check --chat-template") from None
     vocabulary = tokenizer.get_vocab()
-    for marker, name in FAMILY_TEMPLATES.items():
-        if marker in vocabulary and (marker != "<think>" or "<|im_start|>" in vocabulary):
+    for markers, name in FAMILY_TEMPLATES.items():
+        if all(marker in vocabulary for marker in markers):
             return files("lacuna").joinpath("templates", name).read_text(encoding="utf-8")
     raise LacunaError(
         "tokenizer is none of ChatML, Qwen3, Llama-3, Gemma 3 or Mistral; pass --chat-template PATH with a template "

@@ -111,8 +111,6 @@ class Loader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.position = position or DataPosition()
         self.global_batch_rows = batch_size * grad_accum * world_size
-        if batch_size < 1 or grad_accum < 1:
-            raise LacunaError(f"--batch-size and --grad-accum must be at least 1 (got {batch_size}, {grad_accum})")
         if self.global_batch_rows > shards.num_rows:
             raise LacunaError(f"a global batch of {self.global_batch_rows} rows (batch size {batch_size} × grad accum "
                               f"{grad_accum} × {world_size} ranks) exceeds the {shards.num_rows} rows of the data: "

@@ -68,7 +68,7 @@ def load_model(config: Config) -> PreTrainedModel:
                    trust_remote_code=config.model.trust_remote_code)
     folder = Path(config.model.name)
     torch.manual_seed(config.seed)  # every rank must build identical weights before sharding
-    weights = folder.is_dir() and any(path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern))
+    weights = any(path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern))
     if config.model.random_init or (folder.is_dir() and not weights):
         return AutoModelForCausalLM.from_config(model_config, **options)
     try:
