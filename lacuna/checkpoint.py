@@ -153,9 +153,8 @@ def export(checkpoint: Path, out: Path) -> None:
     """Write `checkpoint` as an HF folder (weights, config, sampling generation config, tokenizer, chat template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lacuna.chat import TEMPERATURE, TOP_P
     from lacuna.chat_templates import load_template
-    from lacuna.config import load_config
+    from lacuna.config import TEMPERATURE, TOP_P, load_config
     from lacuna.model import model_configuration
 
     meta = read_meta(checkpoint)

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lacuna.errors import LacunaError
 
+# sampling defaults of `lacuna chat`, also written into every export's generation config
+TEMPERATURE, TOP_P = 0.7, 0.9
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
