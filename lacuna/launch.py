@@ -9,30 +9,10 @@ up to `parallel.max_restarts` times, and every rank then resumes from the newest
 import os
 import re
 import sys
-from pathlib import Path
 
 from lacuna.config import Config, ParallelConfig, load_config
 from lacuna.errors import LacunaError
-
-
-def physical_cores(cpuinfo: str, allowed_cpus: set[int]) -> int:
-    """Distinct (socket, core) pairs among the allowed logical CPUs; the allowed count when cpuinfo has no core ids."""
-    cores = set()
-    for block in cpuinfo.split("\n\n"):
-        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        if "core id" in fields and int(fields.get("processor", -1)) in allowed_cpus:
-            cores.add((fields.get("physical id", "0"), fields["core id"]))
-    return len(cores) or len(allowed_cpus)
-
-
-def machine_physical_cores() -> int:
-    """Physical cores this process may run on (respects the CPU affinity set by SLURM, taskset, containers)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    try:
-        return physical_cores(Path("/proc/cpuinfo").read_text(), allowed)
-    except OSError:
-        return os.cpu_count() or 1
+from lacuna.machine import machine_physical_cores
 
 
 def processes_per_node(parallel: ParallelConfig) -> int:

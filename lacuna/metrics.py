@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lacuna.machine import native_bfloat16_flags
+
 # Dense bf16 tensor-core peak in TFLOPS, matched as a substring of torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0, "A100": 312.0,
                    "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
@@ -53,17 +55,6 @@ def choose_cpu_dtype(bfloat16_flops: float, float32_flops: float, capability: st
     choice = "bfloat16" if bfloat16_flops >= float32_flops else "float32"
     return choice, (f"CPU ({capability}) matmul: bf16 {bfloat16_flops / 1e9:.0f} vs fp32 {float32_flops / 1e9:.0f} "
                     "GFLOP/s per process")
-
-
-def native_bfloat16_flags() -> set[str] | None:
-    """The CPU's native-bf16 feature flags (x86 `amx_bf16`/`avx512_bf16`, Arm `bf16`); None where the kernel does
-    not list flags (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features")) for flag in line.split()}
-    return flags & {"amx_bf16", "avx512_bf16", "bf16"} if flags else None
 
 
 def cpu_dtype_from_flags(native_flags: set[str], capability: str) -> tuple[str, str]:

@@ -11,7 +11,8 @@ import pytest
 from lacuna import launch as launch_module
 from lacuna.config import load_config
 from lacuna.errors import LacunaError
-from lacuna.launch import failure_exit_code, launch, omp_threads, physical_cores, processes_per_node, torchrun_arguments
+from lacuna.launch import failure_exit_code, launch, omp_threads, processes_per_node, torchrun_arguments
+from lacuna.machine import physical_cores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def test_physical_cores_count_hyperthread_siblings_once_per_socket() -> None:
 
 
 def test_machine_cores_respect_cpu_affinity() -> None:
-    code = "import os; os.sched_setaffinity(0, {0}); from lacuna.launch import machine_physical_cores as m; print(m())"
+    code = "import os; os.sched_setaffinity(0, {0}); from lacuna.machine import machine_physical_cores as m; print(m())"
     pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert pinned.stdout.strip() == "1", pinned.stderr
     assert 1 <= launch_module.machine_physical_cores() <= len(os.sched_getaffinity(0))
