@@ -58,12 +58,16 @@ def check_template(template: str, name: str) -> None:
 # ----------------------------------------------------------------------------- rendering with assistant spans
 
 SPAN_START, SPAN_END = "\ufdd0", "\ufdd1"  # Unicode noncharacters: reserved for internal use, never in real text
-BLOCKS = [0]  # generation blocks entered by the current render: more marks than blocks means the data holds marks
 
 
-def start_span() -> str:
-    BLOCKS[0] += 1
-    return SPAN_START
+class SpanMarks:
+    """Opens a render's {% generation %} blocks, counting them: a text with more marks than blocks holds its own."""
+
+    blocks = 0
+
+    def __call__(self) -> str:
+        self.blocks += 1
+        return SPAN_START
 
 
 class GenerationSpans(Extension):
@@ -90,7 +94,7 @@ def compile_template(source: str) -> Template:
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[GenerationSpans, loopcontrols])
     environment.filters["tojson"] = reference.filters["tojson"]
-    environment.globals |= {**reference.globals, "lacuna_start_span": start_span}
+    environment.globals |= reference.globals
     return environment.from_string(source)
 
 
@@ -115,13 +119,13 @@ class Renderer:
             context = self.template.new_context({**self.variables, **variables, "messages": None, "tools": None})
         context.vars.clear(), context.exported_vars.clear()
         context.parent["messages"], context.parent["tools"] = messages, tools
-        BLOCKS[0] = 0
+        marks = context.parent["lacuna_start_span"] = SpanMarks()
         try:
             text = "".join(self.template.root_render_func(context))
         except Exception as error:  # TemplateError from raise_exception(), or any error the template runs into
             raise RenderError(f"the chat template fails on it ({type(error).__name__}: {error}): fix the record or "
                               "the template") from None
-        if text.count(SPAN_START) != BLOCKS[0] or text.count(SPAN_END) != BLOCKS[0]:
+        if text.count(SPAN_START) != marks.blocks or text.count(SPAN_END) != marks.blocks:
             raise RenderError("a message contains U+FDD0/U+FDD1, Unicode noncharacters lacuna reserves for marking "
                               "assistant spans: remove them from the data")
         return text

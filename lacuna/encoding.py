@@ -5,8 +5,9 @@ import json
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
+from enum import IntEnum
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,9 +19,24 @@ ROLES = {"system": "system", "developer": "developer", "user": "user", "assistan
 SHAREGPT_KEYS = {"from": "role", "value": "content"}
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' names for a message's reasoning
 LOSS_FIELDS = ("train", "weight")  # per-turn loss control (axolotl's weight): read by lacuna, not by the template
-KEPT, TRUNCATED, DROPPED, EMPTY, EXCLUDED = 0, 1, 2, 3, 4  # per-document status (EXCLUDED: every turn left out)
 KINDS = ("with_tools", "with_reasoning", "multi_turn", "turns_excluded_train_false", "turns_excluded_last")
 CHECKED_RECORDS = 1000  # the template checks run on this many first records of the first source
+
+
+# What became of a document: KEPT and TRUNCATED ones are packed; DROPPED: overlong with --overlong drop; EMPTY: no
+# supervised token; EXCLUDED: every assistant turn left out (train: false, --assistant-turns last). Stored as int8.
+DocumentStatus = IntEnum("DocumentStatus", ["KEPT", "TRUNCATED", "DROPPED", "EMPTY", "EXCLUDED"], start=0)
+KEPT, TRUNCATED, DROPPED, EMPTY, EXCLUDED = DocumentStatus  # until lacuna/writing.py reads DocumentStatus
+
+
+class EncodedBatch(NamedTuple):
+    """A batch's documents: kept tokens and masks (concatenated), kept length and status each, counts by KINDS."""
+
+    tokens: np.ndarray
+    masks: np.ndarray
+    lengths: np.ndarray
+    status: np.ndarray
+    counts: Counter
 
 
 @dataclass
@@ -253,16 +269,16 @@ class Encoder:
                                                                         chat.variables)) for end in ends)
         return checked, differing
 
-    def __call__(self, batch: tuple[int, int, list]) -> tuple[Any, ...]:
+    def __call__(self, batch: tuple[int, int, list]) -> EncodedBatch:
         source_index, first, records = batch
         where = f"dataset '{self.specs[source_index]}' record #{{}}"
         numbered = [(first + index + 1, record) for index, record in enumerate(records)
                     if not (isinstance(record, str) and not record.strip())]  # blank JSON lines hold no record
         if self.mode == "pretrain":
-            return *self.finish(*self.pretrain_documents(numbered, where)), Counter()
+            return EncodedBatch(*self.finish(*self.pretrain_documents(numbered, where)), Counter())
         tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, source_index == 0
                                                                       and first < CHECKED_RECORDS)
-        return *self.finish(tokens, masks, lengths, excluded), counts
+        return EncodedBatch(*self.finish(tokens, masks, lengths, excluded), counts)
 
     def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None
                ) -> tuple[np.ndarray, ...]:
@@ -270,20 +286,20 @@ class Encoder:
         turn left out); returns the kept tokens and masks (concatenated) with each document's kept length and status."""
         starts = np.cumsum(lengths) - lengths
         masks[starts[lengths > 0]] = 0  # no target across a document boundary
-        status, kept = np.full(len(lengths), KEPT, np.int8), lengths.copy()
+        status, kept = np.full(len(lengths), DocumentStatus.KEPT, np.int8), lengths.copy()
         if self.mode == "sft":
             overlong = lengths > self.seq_len
-            status[overlong] = TRUNCATED if self.overlong == "truncate" else DROPPED
+            status[overlong] = DocumentStatus.TRUNCATED if self.overlong == "truncate" else DocumentStatus.DROPPED
             kept[overlong] = self.seq_len if self.overlong == "truncate" else 0
         has_target, positive = np.zeros(len(lengths), bool), lengths > 0
         if positive.any():
             has_target[positive] = np.maximum.reduceat(masks, starts[positive]) > 0
         for index in np.flatnonzero((kept > 0) & (kept < lengths)):  # truncated: only the kept part counts
             has_target[index] = masks[starts[index]:starts[index] + kept[index]].any()
-        empty = (status != DROPPED) & ~has_target
-        status[empty], kept[empty] = EMPTY, 0
+        empty = (status != DocumentStatus.DROPPED) & ~has_target
+        status[empty], kept[empty] = DocumentStatus.EMPTY, 0
         if excluded is not None:
-            status[excluded], kept[excluded] = EXCLUDED, 0
+            status[excluded], kept[excluded] = DocumentStatus.EXCLUDED, 0
         if (kept == lengths).all():
             return tokens, masks, kept, status
         document = np.repeat(np.arange(len(lengths)), lengths)

@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import nullcontext
+from itertools import pairwise
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 
 from lacuna.chat_templates import check_template, load_template
 from lacuna.config import Config, PrepareConfig, load_config
-from lacuna.encoding import Encoder
+from lacuna.encoding import EncodedBatch, Encoder
 from lacuna.errors import LacunaError, run_main
 from lacuna.shards import FORMAT, token_dtype, tokenizer_hash, write_atomically
 from lacuna.sources import Source, load_source, parse_source, record_batches
@@ -35,12 +36,12 @@ RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards"
 ENCODER: Encoder | None = None  # set before forking --num-proc workers, which inherit it
 
 
-def encode_in_worker(batch: tuple[int, int, list]) -> tuple[np.ndarray, ...]:
+def encode_in_worker(batch: tuple[int, int, list]) -> EncodedBatch:
     assert ENCODER is not None
     return ENCODER(batch)
 
 
-def in_order(pool: Any, batches: Iterator, window: int) -> Iterator[tuple[np.ndarray, ...]]:
+def in_order(pool: Any, batches: Iterator, window: int) -> Iterator[EncodedBatch]:
     """The encoded batches, in order, with at most `window` in flight (`Pool.imap` would queue the whole dataset)."""
     pending: deque = deque()
     for batch in batches:
@@ -73,11 +74,12 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
             start, documents, tokens, speed = time.perf_counter(), 0, 0, ""
             batches = record_batches(source, index, rank, world, settings.num_proc, runs)
             for result in in_order(pool, batches, 2 * settings.num_proc) if pool else map(encoder, batches):
-                tokens_file.write(result[0].tobytes())
+                tokens_file.write(result.tokens.tobytes())
                 if settings.mode == "sft":  # a pretraining mask is 1 but at document starts: the writer knows it
-                    mask_file.write(result[1].tobytes())
-                per_document[0].append(result[2]), per_document[1].append(result[3]), conversations.update(result[4])
-                documents, tokens = documents + len(result[2]), tokens + len(result[0])
+                    mask_file.write(result.masks.tobytes())
+                per_document[0].append(result.lengths), per_document[1].append(result.status)
+                conversations.update(result.counts)
+                documents, tokens = documents + len(result.lengths), tokens + len(result.tokens)
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 speed = f"{documents / elapsed:,.0f} docs/s  {tokens / elapsed:,.0f} tokens/s"
                 progress.update(task, completed=documents, speed=speed)
@@ -158,11 +160,59 @@ def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
     return template
 
 
+def histogram_lines(histogram: dict[str, list[int]], width: int = 40) -> list[str]:
+    edges, counts = histogram["edges"], histogram["counts"]
+    top = max(counts, default=0) or 1
+    lines = []
+    for (low, high), count in zip(pairwise(edges), counts, strict=True):
+        label = f"{low}" if high == low + 1 else f"{low}-{high - 1}"
+        lines.append(f"{label:>11} {'█' * round(width * count / top):<{width}} {count:,}")
+    return lines
+
+
+def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[str, Any]] | None, row: int | None,
+                 split: str, verified: bool) -> None:
+    """A prepared folder's stats and length histogram for people, with one decoded row's `segments` if given."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    stats = manifest["stats"]
+    table = Table(title=f"{directory}: {manifest['mode']}, seq_len {manifest['seq_len']}, {manifest['token_dtype']} "
+                        f"tokens, tokenizer {manifest['tokenizer']['name']}")
+    for column in ("split", "rows", "documents", "tokens", "supervised", "fill"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, values in [*stats["splits"].items(), ("total", stats)]:
+        table.add_row(name, *(f"{values[key]:,}" for key in ("rows", "documents", "tokens", "supervised_tokens")),
+                      f"{values['fill']:.2%}")
+    console.print(table)
+    console.print("overlong split {split:,}, truncated {truncated:,}, dropped {dropped:,}, empty masks {empty_mask:,}"
+                  .format(**stats) + f", every turn left out {stats.get('all_turns_excluded', 0):,}")
+    if counted := stats.get("conversations"):  # sft: by kind, and the turns left out of the loss
+        console.print("conversations: " + ", ".join(f"{key.replace('_', ' ')} {n:,}" for key, n in counted.items()))
+    for source in stats["sources"]:
+        console.print(f"source {source['dataset']} (weight {source['weight']}): {source['documents']:,} documents, "
+                      f"{source['train']:,} in train, {source['val']:,} in val")
+    console.print("segment lengths (tokens):")
+    for line in histogram_lines(stats["length_histogram"]):
+        console.print(line, highlight=False)
+    if verified:
+        console.print("sha256 verified for every shard file", style="green")
+    if segments is None:
+        return
+    console.print(f"\n{split} row {row}: [bold green]supervised[/] tokens highlighted, the rest is context")
+    for number, segment in enumerate(segments):
+        title = "padding" if segment["padding"] else f"document {number + 1}, {segment['supervised']} supervised"
+        console.rule(f"{title} [{segment['start']}:{segment['end']}]")
+        if not segment["padding"]:
+            console.print(Text.assemble(*((text, "bold green" if supervised else "dim") for text, supervised
+                                          in segment["runs"])))
+
+
 def summary(manifest: dict[str, Any], out: Path, quiet: bool) -> None:
     stats = manifest["stats"]
     if not quiet:
-        from lacuna.inspection import print_report
-
         return print_report(manifest, out, None, None, "train", False)
     keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask",
             "all_turns_excluded")
