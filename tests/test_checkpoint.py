@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_train import make_model_folder, prepare_data, read_metrics, train_arguments
+from conftest import make_model_folder, prepare_data, read_metrics, train_arguments
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lacuna.chat_templates import has_generation_tags

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import TINY, materialize
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +26,6 @@ TINY_MODEL = """
 name = "data/models/SmolLM2-config"
 activation_checkpointing = false
 dtype = "float32"
-[model.config_overrides]
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 2
-num_attention_heads = 2
-num_key_value_heads = 1
 [data]
 batch_size = 2
 [schedule]
@@ -41,7 +36,8 @@ every = 3
 export = false
 [log]
 every = 1
-"""
+[model.config_overrides]
+""" + "".join(f"{key} = {value}\n" for key, value in TINY.items())
 FAKE_SRUN = """#!/usr/bin/env bash
 # srun on one machine: one copy of the command per node, each with its own --output file.
 while [[ $1 == -* ]]; do [[ $1 == --output=* ]] && output=${1#--output=}; shift; done
@@ -55,7 +51,6 @@ status=0; for job in $(jobs -p); do wait "$job" || status=$?; done; exit $status
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Packed pretrain shards of a few stdlib files (seq 128) and a tiny random-init Llama config."""
-    from lacuna.assets import materialize
     from lacuna.prepare import main as prepare
 
     materialize(REPO / "data")

@@ -1,21 +1,26 @@
 """HSDP (`--parallel.replicate N`): a replicas × shards device mesh trains exactly like full sharding (gloo, fp32)."""
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
-from test_model import free_port, load_model, packed_batch, save_folder
-from test_train import REPOSITORY, make_model_folder, prepare_data, read_metrics, train_arguments
+from conftest import (
+    free_port,
+    make_model_folder,
+    packed_batch,
+    prepare_data,
+    read_metrics,
+    save_folder,
+    torchrun,
+    train_arguments,
+)
 
 from lacuna.config import Config
-from lacuna.model import build_model, loss_sum
+from lacuna.model import build_model, load_model, loss_sum
 from lacuna.train import clip_gradients
 
 WORLD = 4
@@ -64,25 +69,18 @@ def test_a_two_by_two_mesh_gives_the_gradients_of_full_sharding_and_of_one_proce
     torch.multiprocessing.spawn(mesh_worker, args=(free_port(), str(folder)), nprocs=WORLD)
 
 
-def torchrun(processes: int, arguments: list[str]) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               "-m", "lacuna.train", *arguments]
-    result = subprocess.run(command, cwd=REPOSITORY, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_hsdp_run_resumes_fully_sharded_on_fewer_ranks_at_the_same_row(tmp_path: Path) -> None:
     model = make_model_folder(tmp_path / "model")
     data = prepare_data(model, tmp_path / "data", conversations=120)
     hsdp = tmp_path / "hsdp"
-    torchrun(WORLD, train_arguments(data, model, hsdp, "--batch-size", "1", "--parallel.replicate", "2"))
+    torchrun(WORLD, "lacuna.train", train_arguments(data, model, hsdp, "--batch-size", "1",
+                                                    "--parallel.replicate", "2"))
     resumed = tmp_path / "resumed"
     shutil.copytree(hsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000004")  # as if the 2 × 2 job had died after step 2
-    torchrun(2, train_arguments(data, model, resumed, "--batch-size", "1"))  # 1 × 2: grad_accum 1 → 2
+    torchrun(2, "lacuna.train", train_arguments(data, model, resumed, "--batch-size", "1"))  # 1 × 2: grad_accum 1 → 2
     expected, records = read_metrics(hsdp), read_metrics(resumed)
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     for record, reference in zip(records[2:], expected[2:], strict=True):

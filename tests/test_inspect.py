@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, materialize
 
-from lacuna.assets import materialize
 from lacuna.errors import LacunaError
 from lacuna.inspection import inspect
 from lacuna.prepare import main
 from lacuna.shards import open_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[1] / "data"
 CONVERSATIONS = [
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"},
      {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Grass?"},

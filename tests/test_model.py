@@ -1,7 +1,6 @@
 """Model build, per-document attention and loss on tiny real transformers models (CPU, fp32 unless stated)."""
 
 import functools
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 import torch.nn.functional as F
+from conftest import TINY, VOCAB, free_port, packed_batch, save_folder, tiny_llama, tiny_model
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers import PreTrainedModel, Qwen2Config
 
 from lacuna import attention
 from lacuna import model as model_module
@@ -31,50 +31,10 @@ from lacuna.model import (
     resolve_attention,
 )
 
-VOCAB = 512
-# Two rows of 24 tokens flattened into one sequence; the last segment is a padding tail. Two documents share
-# length 7 so the grouped (batched) attention call is exercised too.
-ROWS = [[7, 11, 6], [7, 13, 4]]
-PADDING_SEGMENT = 5
-
 
 @pytest.fixture(autouse=True)
 def pinned_threads() -> None:
     torch.set_num_threads(1)
-
-
-def tiny_llama() -> LlamaConfig:
-    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-
-
-def tiny_model(implementation: str = attention.NAME, model_config: LlamaConfig | None = None) -> PreTrainedModel:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config or tiny_llama(), attn_implementation=implementation,
-                                             dtype=torch.float32)
-    return model.eval()
-
-
-def packed_batch(supervised: bool = True, seed: int = 1) -> tuple[Batch, list[tuple[int, int]]]:
-    """Random documents packed as the loader does: positions restart per document, labels already shifted."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = [length for row in ROWS for length in row]
-    ids, positions, labels = [], [], []
-    for index, length in enumerate(lengths):
-        tokens = torch.randint(1, VOCAB, (length,), generator=generator)
-        target = torch.cat([tokens[1:], torch.tensor([-100])])
-        target[:2] = -100  # an unsupervised prompt
-        if index == PADDING_SEGMENT or not supervised:
-            tokens, target = (torch.zeros(length, dtype=torch.long) if index == PADDING_SEGMENT else tokens,
-                              torch.full((length,), -100))
-        ids.append(tokens)
-        positions.append(torch.arange(length))
-        labels.append(target)
-    boundaries = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    label_tensor = torch.cat(labels)[None]
-    batch = Batch(torch.cat(ids)[None], torch.cat(positions)[None], label_tensor, boundaries, max(lengths),
-                  int((label_tensor != -100).sum()))
-    return batch, list(zip(boundaries[:-1].tolist(), boundaries[1:].tolist(), strict=True))
 
 
 def per_document_logits(model: PreTrainedModel, batch: Batch, segments: list[tuple[int, int]]) -> torch.Tensor:
@@ -173,8 +133,7 @@ def test_zero_supervised_tokens_still_reach_every_parameter() -> None:
 
 
 def test_parameter_groups_split_by_module_type() -> None:
-    model_config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True)
+    model_config = Qwen2Config(**TINY, vocab_size=VOCAB, tie_word_embeddings=True)
     model = tiny_model("sdpa", model_config)
     decay, no_decay = parameter_groups(model, weight_decay=0.1)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
@@ -216,14 +175,6 @@ def test_attention_choice_and_liger_need_their_hardware() -> None:
         apply_liger(tiny_model(), Config.model_validate({"model": {"liger": "on"}}), torch.device("cpu"))
 
 
-def save_folder(path: Path, with_weights: bool) -> Path:
-    if with_weights:
-        tiny_model().save_pretrained(path)
-    else:
-        tiny_llama().save_pretrained(path)
-    return path
-
-
 def test_load_model_random_init_is_seeded_and_applies_overrides(tmp_path: Path) -> None:
     folder = save_folder(tmp_path / "config-only", with_weights=False)
     config = Config.model_validate({"model": {"name": str(folder), "config_overrides": {
@@ -245,12 +196,6 @@ def test_load_model_random_init_is_seeded_and_applies_overrides(tmp_path: Path) 
         load_model(Config.model_validate({"model": {"name": str(folder), "config_overrides": {"hidden_sise": 8}}}))
     with pytest.raises(LacunaError, match="lacuna assets"):
         load_model(Config.model_validate({"model": {"name": str(tmp_path / "missing")}}))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,28 +1,21 @@
 """`lacuna prepare` end to end on the real SmolLM2 tokenizer, the packaged ChatML template and real data."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from collections import Counter
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, REPOSITORY, TOKENIZER, materialize, segments, torchrun, write_jsonl
 
-from lacuna.assets import materialize
 from lacuna.encoding import DROPPED, EMPTY, KEPT, TRUNCATED, Encoder
 from lacuna.errors import LacunaError
 from lacuna.prepare import main
 from lacuna.shards import open_shards, token_dtype, tokenizer_hash
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
-TOKENIZER = DATA / "models" / "SmolLM2-config"
 END_OF_TURN = "<|im_end|>"
 
 
@@ -41,11 +34,6 @@ def template(tokenizer) -> str:
     return load_template(None, tokenizer)
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
 def chat_records(count: int) -> list[dict]:
     """Real conversations, plus multi-turn ones with a system prompt. (Contents that begin with whitespace are
     left out: their first BPE token can merge with the role header's newline, see the report.)"""
@@ -61,27 +49,6 @@ def chat_records(count: int) -> list[dict]:
 def prepare(mode: str, out: Path, *arguments: str) -> dict:
     main([mode, "--out", str(out), "--tokenizer", str(TOKENIZER), "--quiet", *arguments])
     return json.loads((out / "manifest.json").read_text())
-
-
-def segments(directory: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every document segment of every row (padding tails checked and left out)."""
-    shards = open_shards(directory, split)
-    pad_id = shards.manifest["pad_id"]
-    found = []
-    for index in range(shards.num_rows):
-        row = shards.row(index)
-        bounds = row.cu_seqlens.tolist()
-        assert bounds[0] == 0 and bounds[-1] == shards.seq_len and all(np.diff(bounds) > 0)
-        assert row.supervised == row.loss_mask.sum() == shards.supervised_counts[index]
-        assert row.max_seqlen == max(np.diff(bounds))
-        for start, end in pairwise(bounds):
-            tokens, mask = row.tokens[start:end], row.loss_mask[start:end]
-            if end == shards.seq_len and not mask.any():  # the padding tail
-                assert (tokens == pad_id).all()
-                continue
-            assert mask[0] == 0 and mask.any()
-            found.append((np.array(tokens), np.array(mask)))
-    return found
 
 
 def supervised_runs(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -280,12 +247,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, tokenizer) -> None:
     common = ["--dataset", dataset, "--seq-len", "1024", "--val-fraction", "0.1"]
     prepare("pretrain", tmp_path / "one", *common)
     common += ["--tokenizer", str(TOKENIZER), "--quiet"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "--monitor-interval", "0.2"]
-    result = subprocess.run([*torchrun, "-m", "lacuna.prepare", "pretrain", "--out", str(tmp_path / "two"), *common],
-                            cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun(2, "lacuna.prepare", ["pretrain", "--out", str(tmp_path / "two"), *common])
     assert files(tmp_path / "two") == files(tmp_path / "one")
 
 
@@ -352,6 +314,6 @@ def test_overwrite_replaces_and_cli_error_is_one_line(tmp_path: Path) -> None:
     prepare("sft", tmp_path / "out", "--dataset", dataset, "--seq-len", "128", "--overwrite")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["seq_len"] == 128
     result = subprocess.run([sys.executable, "-m", "lacuna.prepare", "sft", "--dataset", dataset, "--seq-len", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                            cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: config key 'prepare.seq_len'")

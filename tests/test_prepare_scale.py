@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, materialize
 
-from lacuna.assets import materialize
 from lacuna.errors import LacunaError
 from lacuna.packing import best_fit_decreasing
 from lacuna.prepare import main, wait_for_parts
 from lacuna.writing import Documents, plan_groups, segments
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 TOKENIZER = DATA / "models" / "SmolLM2-config"
 
 

@@ -7,17 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import DATA, materialize
 
 from lacuna import writing
-from lacuna.assets import materialize
 from lacuna.errors import LacunaError
 from lacuna.inspection import inspect
 from lacuna.loader import Loader
 from lacuna.prepare import main
 from lacuna.shards import FORMAT_VERSION, SPLITS, derived_loss_mask, open_shards
 from lacuna.writing import pack_group
-
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")

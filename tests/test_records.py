@@ -4,20 +4,15 @@ every packaged template with a real tokenizer of its family (SmolLM2's, given th
 
 import copy
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_prepare import segments, write_jsonl
+from conftest import DATA, materialize, segments, write_jsonl
 
-from lacuna.assets import materialize
 from lacuna.errors import LacunaError
 from lacuna.prepare import main
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[1] / "data"
 SMOLLM2 = DATA / "models" / "SmolLM2-config"
 FAMILIES = {  # template: (special tokens, added special tokens, added plain tokens)
     "chatml": ({}, [], []),

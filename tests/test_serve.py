@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_chat import SCRIPT, check_conversations, export, greedy, saved  # noqa: F401  (export: the fixture)
+from conftest import SCRIPT, check_conversations, greedy, saved
 
 BIN = Path(sys.executable).parent
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled") 
 
 
 @pytest.fixture(scope="module")
-def lacuna_export(export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def lacuna_export(export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model as a DCP checkpoint, exported with `lacuna export` as a training run's export would be."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM

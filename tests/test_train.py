@@ -7,10 +7,7 @@ two-process torchrun run with the same global batch; the tests assert on their m
 import contextlib
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,51 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import make_model_folder, prepare_data, read_metrics, torchrun, train_arguments
 
 from lacuna.config import ScheduleConfig, load_config
 from lacuna.errors import LacunaError
 from lacuna.loader import Loader
 from lacuna.shards import open_shards
 from lacuna.train import build_optimizer, init_distributed, learning_rate, main, train_step
-
-REPOSITORY = Path(__file__).resolve().parents[1]
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512}
-
-
-def make_model_folder(directory: Path) -> Path:
-    """A config-only folder (random init) of a tiny Llama with the real SmolLM2 tokenizer."""
-    source = REPOSITORY / "data/models/SmolLM2-config"
-    directory.mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(source / name, directory / name)
-    config = json.loads((source / "config.json").read_text()) | TINY
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
-def prepare_data(model: Path, out: Path, conversations: int = 300) -> Path:
-    """The first conversations of the embedded chat corpus, prepared as 128-token SFT rows with a val split."""
-    from lacuna.prepare import main as prepare_main
-
-    lines = (REPOSITORY / "data/corpus/chat.jsonl").read_text().splitlines()[:conversations]
-    dataset = out.with_name("chat.jsonl")
-    dataset.write_text("\n".join(lines) + "\n")
-    prepare_main(["sft", "--dataset", str(dataset), "--out", str(out), "--seq-len", "128",
-                  "--tokenizer", str(model), "--val-fraction", "0.1", "--quiet"])
-    return out
-
-
-def train_arguments(data: Path, model: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A 4-step run: fp32, 4 rows per optimizer step, every step logged, eval and checkpoint every 2 steps."""
-    return ["--data", str(data), "--model-name", str(model), "--run-dir", str(run_dir), "--model.dtype", "float32",
-            "--model.activation-checkpointing", "false", "--steps", "4", "--warmup-steps", "1", "--lr", "1e-3",
-            "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2", "--eval.max-rows", "8",
-            "--log.peak-tflops", "1", *extra]  # a configured peak: no matmul benchmark at every start
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_close(records: list[dict], expected: list[dict], tolerance: float) -> None:
@@ -89,12 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = prepare_data(model, root / "data")
     # Same global batch of 4 rows: 1 process × 2 rows × 2 micro-batches, and 2 processes × 1 row × 2.
     main(train_arguments(data, model, root / "one", "--batch-size", "2", "--grad-accum", "2"))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = train_arguments(data, model, root / "two", "--batch-size", "1", "--grad-accum", "2")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "lacuna.train", *two]
-    result = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(2, "lacuna.train", train_arguments(data, model, root / "two", "--batch-size", "1", "--grad-accum", "2"))
     return {"root": root, "model": model, "data": data, "one": root / "one", "two": root / "two"}
 
 
