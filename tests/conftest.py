@@ -144,8 +144,10 @@ def train_arguments(data: Path, model: Path, run_dir: Path, *extra: str) -> list
             "--log.peak-tflops", "1", *extra]  # a configured peak: no matmul benchmark at every start
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir: Path, event: str | None = None) -> list[dict]:
+    """The step records of RUN_DIR/metrics.jsonl, or with `event` the records of that event (e.g. "start")."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if record.get("event") == event]
 
 
 def segments(directory: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
