@@ -39,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.format import read_array_header_1_0, read_array_header_2_0, read_magic
 
 from lacuna.errors import LacunaError
+from lacuna.files import write_atomically  # noqa: F401  re-exported until prepare.py, assets.py and chat.py switch
 
 FORMAT_NAME = "lacuna-packed"
 FORMAT_VERSION = 3
@@ -86,13 +88,6 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(f"{description}{special}".encode()).hexdigest()
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write through a per-process temporary file and rename: readers see the old file or the whole new one."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def file_sha256(path: Path) -> str:
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
@@ -119,14 +114,21 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def map_array(path: Path) -> tuple[np.ndarray, tuple[mmap.mmap, int]]:
-    """A read-only memory map of one .npy file, as `np.load(mmap_mode="r")` gives, plus its mmap and data offset."""
+    """A read-only memory map of one .npy file, as `np.load(mmap_mode="r")` gives, plus its mmap and data offset;
+    a file shorter than its header says (truncated: a full disk, a copy cut short) is refused in one line."""
     with open(path, "rb") as file:
-        version = np.lib.format.read_magic(file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(file)
-        offset = file.tell()
+        size = os.fstat(file.fileno()).st_size
+        try:
+            version = read_magic(file)
+            shape, fortran_order, dtype = (read_array_header_1_0 if version == (1, 0) else read_array_header_2_0)(file)
+            offset, count = file.tell(), math.prod(shape)
+            complete = size >= offset + count * dtype.itemsize
+        except ValueError:  # a header cut short
+            complete = False
+        if not complete:
+            raise LacunaError(f"shard file '{path}' is truncated ({size:,} bytes, less than its .npy header says): "
+                              "prepare the folder again")
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    count = math.prod(shape)
     array = np.frombuffer(mapped, dtype, count=count, offset=offset) if count else np.zeros(0, dtype)
     return array.reshape(shape, order="F" if fortran_order else "C"), (mapped, offset)
 

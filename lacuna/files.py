@@ -1,0 +1,94 @@
+"""File safety for every command that writes: whole files or none, one job per folder, folders replaced atomically."""
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lacuna.errors import LacunaError
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a synced temporary file beside `path`, then rename: a reader, or a rerun after a kill or a crash, finds
+    the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with temporary.open("w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse in one line a `path` that cannot be written: its nearest existing folder must take a new file."""
+    existing = next(folder for folder in (Path(path), *Path(path).parents) if os.path.exists(folder))
+    try:
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".lacuna-check").close()
+    except OSError as error:
+        raise LacunaError(f"{what} '{path}' cannot be written ('{existing}': {error.strerror}): choose a writable "
+                          "place or fix its permissions") from None
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target`: the old one renamed aside, the new one renamed in, the old one
+    removed last. Killed at any moment, `recover(target)` leaves the old or the new folder complete at `target`."""
+    recover(target)
+    if target.exists():
+        os.rename(target, target.with_name(f"{target.name}.lacuna-replaced"))
+    os.rename(new, target)
+    shutil.rmtree(target.with_name(f"{target.name}.lacuna-replaced"))
+
+
+def recover(target: Path) -> None:
+    """Finish a killed replace_directory: the old folder back if the new one is not in place, else the old removed."""
+    replaced = target.with_name(f"{target.name}.lacuna-replaced")
+    if replaced.exists() and target.exists():
+        shutil.rmtree(replaced)
+    elif replaced.exists():
+        os.rename(replaced, target)
+
+
+def job_identity() -> str:
+    """This process's job: torchrun's (the same on every rank of every node), else this process alone."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun {MASTER_ADDR}:{MASTER_PORT} {TORCHELASTIC_RUN_ID}".format_map(os.environ)
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+@contextmanager
+def exclusive_lock(target: Path, what: str, job: str | None = None) -> Iterator[None]:
+    """Hold the lock on the folder `target` (which need not exist yet) while writing it; refuse another job.
+
+    Every process of a job calls this and they share the lock: a job is `job` when given, else job_identity(). It is
+    an flock on `.{name}.lock` beside `target` (there before the target, kept by replace_directory, nothing inside
+    the folder), which the kernel drops when its process dies: a killed job's lock is free again at once. The job's
+    first process writes itself into the file and recovers a killed replace_directory of `target`.
+    """
+    target = Path(target)
+    check_writable(target.parent, f"the folder of {what}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    holder = {"job": job or job_identity(), "pid": os.getpid(), "host": socket.gethostname(),
+              "command": " ".join(sys.argv)[:120]}
+    with target.with_name(f".{target.name}.lock").open("a+", encoding="utf-8") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it: this job becomes the holder
+            file.truncate(0)
+            file.write(json.dumps(holder))
+            file.flush()
+            recover(target)
+        except BlockingIOError:
+            pass
+        fcntl.flock(file, fcntl.LOCK_SH)  # shared by the job's processes; while one holds it, nobody rewrites it
+        file.seek(0)
+        found = json.loads(file.read() or "{}")
+        if found.get("job") != holder["job"]:
+            raise LacunaError(f"{what} '{target}' is being written by process {found.get('pid')} on "
+                              f"{found.get('host')} ({found.get('command')}): wait for it to end or stop it, or "
+                              "write elsewhere")
+        yield
