@@ -42,7 +42,7 @@ def replace_directory(new: Path, target: Path) -> None:
     if target.exists():
         os.rename(target, target.with_name(f"{target.name}.lacuna-replaced"))
     os.rename(new, target)
-    shutil.rmtree(target.with_name(f"{target.name}.lacuna-replaced"))
+    recover(target)
 
 
 def recover(target: Path) -> None:

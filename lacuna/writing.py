@@ -9,18 +9,20 @@ import json
 import os
 import shutil
 from collections import Counter
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from lacuna.config import PrepareConfig
-from lacuna.encoding import DROPPED, EMPTY, EXCLUDED, TRUNCATED
+from lacuna.encoding import DocumentStatus
 from lacuna.errors import LacunaError
+from lacuna.files import exclusive_lock, replace_directory, write_atomically
 from lacuna.packing import best_fit_decreasing
-from lacuna.shards import SPLITS, write_atomically, write_shard
+from lacuna.shards import SPLITS, write_shard
 from lacuna.sources import Source
 
 
@@ -37,6 +39,26 @@ class Documents:
     masks: list[np.ndarray]
 
 
+class Items(NamedTuple):  # the packing items of a split (documents, chunks of those over seq_len), as columns
+    part: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+
+
+class Group(NamedTuple):  # a packing group: items [first, end) of one split, packed on their own by one process
+    split: str
+    index: int
+    first: int
+    end: int
+
+
+def output_lock(out: Path, settings: PrepareConfig) -> AbstractContextManager[None]:
+    """The lock on --out (files.exclusive_lock) that every process of a prepare takes before any work: torchrun's
+    processes are one job, and so are --shard-index processes with the same settings; anything else is refused."""
+    shared = settings.model_dump_json(exclude={"shard_index", "num_proc", "quiet", "overwrite"})
+    return exclusive_lock(out, "prepare output", None if settings.shard_index is None else f"prepare {shared}")
+
+
 def finished(marker: Path, fingerprint: str) -> bool:
     """Whether a part's or group's JSON marker exists and was written for these inputs."""
     return marker.is_file() and json.loads(marker.read_text())["fingerprint"] == fingerprint
@@ -48,8 +70,7 @@ def map_file(path: str, dtype: type | np.dtype) -> np.ndarray:
 
 
 def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
-    columns: dict[str, list[np.ndarray]] = {key: [] for key in ("part", "start", "length", "status", "source", "file")}
-    tokens, masks = [], []
+    columns, tokens, masks = [], [], []
     for rank in range(world):
         stem = parts / f"part-{rank:05d}"
         tokens.append(map_file(f"{stem}.tokens.bin", dtype))
@@ -57,11 +78,9 @@ def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
         lengths, runs = np.load(f"{stem}.lengths.npy"), json.loads(Path(f"{stem}.json").read_text())["documents"]
         runs = np.array(runs, np.int64).reshape(-1, 3)  # [source, file, documents] in the order they were read
         source, file = np.repeat(runs[:, :2], runs[:, 2], axis=0).T
-        values = {"part": np.full(len(lengths), rank), "start": np.cumsum(lengths) - lengths, "length": lengths,
-                  "status": np.load(f"{stem}.status.npy"), "source": source, "file": file}
-        for key, value in values.items():
-            columns[key].append(value)
-    merged = {key: np.concatenate(values) for key, values in columns.items()}
+        columns.append({"part": np.full(len(lengths), rank), "start": np.cumsum(lengths) - lengths, "length": lengths,
+                        "status": np.load(f"{stem}.status.npy"), "source": source, "file": file})
+    merged = {key: np.concatenate([values[key] for values in columns]) for key in columns[0]}
     # stable, parts in rank order: (source, rank, position) for contiguous slices, (source, file, position) for files
     order = np.lexsort((merged.pop("file"), merged["source"]))
     return Documents(**{key: values[order] for key, values in merged.items()}, tokens=tokens, masks=masks)
@@ -69,7 +88,7 @@ def load_parts(parts: Path, world: int, dtype: np.dtype) -> Documents:
 
 def plan_splits(documents: Documents, sources: list[Source], settings: PrepareConfig) -> tuple[dict, list[dict]]:
     """Document ids per split: a seeded val hold-out, then mixture sampling of the train documents per source."""
-    usable = np.flatnonzero(documents.status <= TRUNCATED)
+    usable = np.flatnonzero(documents.status <= DocumentStatus.TRUNCATED)
     if not len(usable):
         raise LacunaError("no documents left after filtering (all empty, overlong and dropped, or every assistant "
                           "turn left out): check the data, --seq-len, --overlong and --assistant-turns")
@@ -96,27 +115,27 @@ def plan_splits(documents: Documents, sources: list[Source], settings: PrepareCo
     return {"train": np.concatenate(selected), "val": val}, report
 
 
-def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(part, start, length) of each packing item: a document over seq_len becomes chunks overlapping by one token."""
+def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> Items:
+    """The packing items of documents `ids`: a document over seq_len becomes chunks overlapping by one token."""
     lengths = documents.length[ids]
     chunks = np.where(lengths > seq_len, -(-(lengths - 1) // (seq_len - 1)), 1)
     owner = np.repeat(ids, chunks)
     offset = (np.arange(chunks.sum()) - np.repeat(np.cumsum(chunks) - chunks, chunks)) * (seq_len - 1)
-    return documents.part[owner], documents.start[owner] + offset, np.minimum(seq_len, documents.length[owner] - offset)
+    length = np.minimum(seq_len, documents.length[owner] - offset)
+    return Items(documents.part[owner], documents.start[owner] + offset, length)
 
 
-def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents: Documents, seq_len: int,
+def build_shard(rows: list[list[int]], items: Items, documents: Documents, seq_len: int,
                 dtype: np.dtype, pad_id: int, stored_masks: bool) -> dict[str, np.ndarray]:
     """One shard's arrays; without `stored_masks` (pretraining parts keep none) every position but a segment's
     first is a target."""
     tokens = np.full((len(rows), seq_len), pad_id, dtype)
     loss_mask = np.zeros((len(rows), seq_len), np.uint8)
     boundaries, row_offsets, max_seqlen = [], [0], []
-    parts, starts, lengths = items
     for index, row in enumerate(rows):
         bounds = [0]
         for item in row:
-            part, start, length, position = parts[item], starts[item], lengths[item], bounds[-1]
+            part, start, length, position = items.part[item], items.start[item], items.length[item], bounds[-1]
             tokens[index, position:position + length] = documents.tokens[part][start:start + length]
             loss_mask[index, position + 1:position + length] = (documents.masks[part][start + 1:start + length]
                                                                 if stored_masks else 1)
@@ -131,23 +150,23 @@ def build_shard(rows: list[list[int]], items: tuple[list, list, list], documents
             "max_seqlen": np.array(max_seqlen, np.int32)}
 
 
-def plan_groups(items: dict[str, tuple[np.ndarray, ...]], group_tokens: int) -> list[tuple[str, int, int, int]]:
-    """(split, group, first item, end item) of each group: an item starting at k × group_tokens opens group k."""
+def plan_groups(items: dict[str, Items], group_tokens: int) -> list[Group]:
+    """The packing groups of every split: an item starting at k × group_tokens opens group k."""
     groups = []
     for split, (_, _, lengths) in items.items():
         bounds = np.searchsorted(np.cumsum(lengths) - lengths, np.arange(0, lengths.sum(), group_tokens)).tolist()
-        groups += [(split, group, first, end) for group, (first, end) in enumerate(pairwise([*bounds, len(lengths)]))]
+        groups += [Group(split, index, *items) for index, items in enumerate(pairwise([*bounds, len(lengths)]))]
     return groups
 
 
-def pack_group(documents: Documents, items: list[np.ndarray], split: str, index: int, settings: PrepareConfig,
+def pack_group(documents: Documents, items: Items, split: str, index: int, settings: PrepareConfig,
                directory: Path, dtype: np.dtype, pad_id: int) -> dict[str, Any]:
-    """Best-fit pack one group's (part, start, length) items, shuffle the rows, write the shards; returns counts."""
-    rows = best_fit_decreasing(items[2], settings.seq_len)
+    """Best-fit pack one group's items, shuffle the rows, write the shards; returns counts."""
+    rows = best_fit_decreasing(items.length, settings.seq_len)
     # group 0 is seeded as the single global packing was (seeds 2 and 3), later groups after it
     order = np.random.default_rng([settings.seed, 2 + SPLITS.index(split) + 2 * index]).permutation(len(rows))
     rows = [rows[position] for position in order]
-    items = [values.tolist() for values in items]
+    items = Items(*(values.tolist() for values in items))
     shards, supervised = [], 0
     for number, row in enumerate(range(0, len(rows), settings.rows_per_shard)):
         arrays = build_shard(rows[row:row + settings.rows_per_shard], items, documents, settings.seq_len, dtype, pad_id,
@@ -161,16 +180,17 @@ def pack_group(documents: Documents, items: list[np.ndarray], split: str, index:
 
 def merge(sources: list[Source], settings: PrepareConfig, rank: int, world: int, partial: Path, out: Path,
           header: dict[str, Any], fingerprint: str, dtype: np.dtype) -> dict[str, Any] | None:
-    """Pack and write this process's groups; the last to finish writes and returns the manifest (others: None)."""
+    """Pack and write this process's groups; the last to finish writes the manifest, puts the folder at `out` (the
+    old one, with --overwrite, removed last: files.replace_directory) and returns the manifest (others: None)."""
     documents = load_parts(partial / "parts", world, dtype)
     splits, report = plan_splits(documents, sources, settings)
     items = {split: segments(documents, ids, settings.seq_len) for split, ids in splits.items()}
     groups = plan_groups(items, settings.pack_group_tokens)
     markers = [partial / "parts" / f"packed-{index:05d}.json" for index in range(world)]  # every process, groups or not
     if not finished(markers[rank], fingerprint):  # else kept from an interrupted run of the same inputs
-        results = {f"{split}-{index}": pack_group(documents, [values[first:end] for values in items[split]], split,
-                                                  index, settings, partial, dtype, header["pad_id"])
-                   for split, index, first, end in groups[rank::world]}
+        results = {f"{group.split}-{group.index}": pack_group(
+            documents, Items(*(values[group.first:group.end] for values in items[group.split])), group.split,
+            group.index, settings, partial, dtype, header["pad_id"]) for group in groups[rank::world]}
         write_atomically(markers[rank], json.dumps({"fingerprint": fingerprint, "groups": results}))
     if not all(finished(marker, fingerprint) for marker in markers):
         return None
@@ -179,31 +199,37 @@ def merge(sources: list[Source], settings: PrepareConfig, rank: int, world: int,
         os.rename(partial / "parts", partial / "packed")
     except FileNotFoundError:
         return None
-    manifest, stats = {**header, "splits": {}}, {"splits": {}}
-    for split, ids in splits.items():
-        own = [results[f"{name}-{index}"] for name, index, _, _ in groups if name == split]
-        manifest["splits"][split] = [shard for result in own for shard in result["shards"]]
-        counted = {key: sum(result[key] for result in own) for key in ("supervised_tokens", "rows")}
-        stats["splits"][split] = {"documents": len(ids), "tokens": int(items[split][2].sum()), **counted}
-    stats |= {key: sum(counts[key] for counts in stats["splits"].values()) for key in stats["splits"]["train"]}
-    for counts in (*stats["splits"].values(), stats):
-        counts["fill"] = round(counts["tokens"] / max(counts["rows"] * settings.seq_len, 1), 6)
-    stats |= {key: int(np.sum(documents.status == value)) for key, value in
-              (("dropped", DROPPED), ("truncated", TRUNCATED), ("empty_mask", EMPTY), ("all_turns_excluded", EXCLUDED))}
-    stats["split"] = sum(int(np.sum(documents.length[ids] > settings.seq_len)) for ids in splits.values())
-    edges = [2**power for power in range(int(np.log2(settings.seq_len)) + 1)] + [settings.seq_len + 1]
-    lengths = np.concatenate([lengths for _, _, lengths in items.values()])
-    stats["length_histogram"] = {"edges": edges, "counts": np.histogram(lengths, edges)[0].tolist()}
-    stats["sources"] = report
+    packed = {split: [results[f"{split}-{group.index}"] for group in groups if group.split == split]
+              for split in splits}
+    manifest = {**header, "splits": {split: [shard for result in own for shard in result["shards"]]
+                                     for split, own in packed.items()}}
+    manifest["stats"] = statistics(documents, splits, items, packed, settings) | {"sources": report}
     if settings.mode == "sft":  # conversations by kind and turns left out of the loss, counted by each part
         conversations = Counter()
         for marker in (partial / "packed").glob("part-*.json"):
             conversations.update(json.loads(marker.read_text())["conversations"])
-        stats["conversations"] = dict(sorted(conversations.items()))
-    manifest["stats"] = stats
+        manifest["stats"]["conversations"] = dict(sorted(conversations.items()))
     shutil.rmtree(partial / "packed")
     write_atomically(partial / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)  # only reached with --overwrite (checked at the start)
-    os.replace(partial, out)
+    replace_directory(partial, out)  # an existing `out` is only reached with --overwrite (checked at the start)
     return manifest
+
+
+def statistics(documents: Documents, splits: dict[str, np.ndarray], items: dict[str, Items],
+               packed: dict[str, list[dict[str, Any]]], settings: PrepareConfig) -> dict[str, Any]:
+    """The manifest's counts: per split and in all, what became of every document, the length histogram."""
+    stats: dict[str, Any] = {"splits": {}}
+    for split, ids in splits.items():
+        counted = {key: sum(result[key] for result in packed[split]) for key in ("supervised_tokens", "rows")}
+        stats["splits"][split] = {"documents": len(ids), "tokens": int(items[split].length.sum()), **counted}
+    stats |= {key: sum(counts[key] for counts in stats["splits"].values()) for key in stats["splits"]["train"]}
+    for counts in (*stats["splits"].values(), stats):
+        counts["fill"] = round(counts["tokens"] / max(counts["rows"] * settings.seq_len, 1), 6)
+    statuses = {"dropped": DocumentStatus.DROPPED, "truncated": DocumentStatus.TRUNCATED,
+                "empty_mask": DocumentStatus.EMPTY, "all_turns_excluded": DocumentStatus.EXCLUDED}
+    stats |= {key: int(np.sum(documents.status == value)) for key, value in statuses.items()}
+    stats["split"] = sum(int(np.sum(documents.length[ids] > settings.seq_len)) for ids in splits.values())
+    edges = [2**power for power in range(int(np.log2(settings.seq_len)) + 1)] + [settings.seq_len + 1]
+    lengths = np.concatenate([split_items.length for split_items in items.values()])
+    stats["length_histogram"] = {"edges": edges, "counts": np.histogram(lengths, edges)[0].tolist()}
+    return stats

@@ -102,9 +102,9 @@ def test_grouped_packing_keeps_fill_within_0_1_percent_on_the_embedded_sets_x10(
         documents = Documents(np.zeros_like(lengths), np.cumsum(lengths) - lengths, lengths, np.zeros_like(lengths),
                               np.zeros_like(lengths), [], [])
         items = {"train": segments(documents, np.arange(len(lengths)), seq_len)}
-        item_lengths = items["train"][2]
-        grouped = sum(len(best_fit_decreasing(item_lengths[first:end], seq_len))
-                      for _, _, first, end in plan_groups(items, group_tokens))
+        item_lengths = items["train"].length
+        grouped = sum(len(best_fit_decreasing(item_lengths[group.first:group.end], seq_len))
+                      for group in plan_groups(items, group_tokens))
         whole = len(best_fit_decreasing(item_lengths, seq_len))
         assert whole <= grouped <= whole * 1.001, (name, whole, grouped)
         if name == "stdlib":
