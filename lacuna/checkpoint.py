@@ -1,8 +1,10 @@
-"""DCP checkpoints and HF export.
+"""DCP checkpoints, the run's checkpoint policy (`Checkpointer`) and HF export.
 
 A checkpoint is `RUN_DIR/checkpoints/step-00000100/`: the sharded model and optimizer (DCP, loadable at any world
-size), `rng-RANK.pt`, `meta.json` (step, data position, eval loss, model fingerprint) and the resolved
-`config.toml`. It is written as `step-00000100.tmp/` and renamed when complete, so a `step-N` folder is whole.
+size), `rng-RANK.pt`, `meta.json` (step, data position, eval loss, model fingerprint, data identity, the size of
+every file) and the resolved `config.toml`. It is written as `step-00000100.tmp/` and renamed when complete, so a
+`step-N` folder is whole; a resume checks the recorded file sizes and skips an unreadable checkpoint for the newest
+readable one, naming both.
 """
 
 import errno
@@ -12,6 +14,7 @@ import os
 import re
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 
-from lacuna.errors import LacunaError
+from lacuna.config import Config, to_toml
+from lacuna.errors import LacunaError, first_line
+from lacuna.files import replace_directory
+from lacuna.loader import DataPosition
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
+EXPORT_MARKER = "lacuna-export.json"  # in every export folder: which checkpoint it holds; marks it as lacuna's own
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
@@ -39,6 +46,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 
+def data_identity(manifest: dict[str, Any]) -> str:
+    """A hash of the shard files' hashes in a manifest: another prepared folder gives another value."""
+    return hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's meta.json, or a one-line error when the folder is not a complete checkpoint."""
     try:
@@ -48,24 +60,29 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
                           "RUN_DIR/checkpoints/step-N folder") from None
 
 
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints under `directory`, oldest first (temp folders of interrupted saves are skipped)."""
+def checkpoint_folders(directory: Path) -> list[Path]:
+    """Every `step-N` folder under `directory`, oldest first (temp folders of interrupted saves are skipped)."""
     if not directory.is_dir():
         return []
-    found = [path for path in directory.iterdir()
-             if CHECKPOINT_NAME.fullmatch(path.name) and (path / "meta.json").is_file()]
-    return sorted(found, key=lambda path: path.name)
+    return sorted(path for path in directory.iterdir() if CHECKPOINT_NAME.fullmatch(path.name))
 
 
-def resume_path(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `none`, `latest` (newest complete one in the run folder), or a folder."""
-    if resume == "none":
-        return None
-    if resume == "latest":
-        checkpoints = complete_checkpoints(run_dir / "checkpoints")
-        return checkpoints[-1] if checkpoints else None
-    read_meta(Path(resume))
-    return Path(resume)
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (with meta.json) under `directory`, oldest first."""
+    return [path for path in checkpoint_folders(directory) if (path / "meta.json").is_file()]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder was saved at, from its name."""
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
+
+
+def check_files(checkpoint: Path, meta: dict[str, Any]) -> None:
+    """Raise OSError when a file recorded at save time is missing or has another size (a truncated copy)."""
+    for name, size in meta.get("files", {}).items():
+        found = (checkpoint / name).stat().st_size  # FileNotFoundError for a missing one
+        if found != size:
+            raise OSError(f"{name} has {found:,} bytes, {size:,} were written")
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -88,6 +105,7 @@ def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.op
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    # a CPU tensor: the process group has a CPU backend (gloo) beside NCCL for exactly this kind of collective
     needed = torch.tensor(sum(tensor.to_local().nbytes if isinstance(tensor, DTensor) else tensor.nbytes
                               for tensor in tree_flatten(state)[0] if isinstance(tensor, torch.Tensor)))
     dist.all_reduce(needed)  # every rank sees the same total, so all of them stop, or none
@@ -99,18 +117,18 @@ def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.op
         torch.save(rng_state(), temporary / f"rng-{rank}.pt")
     except (OSError, RuntimeError, CheckpointException) as error:  # DCP wraps its writers' OSErrors
         cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) else error
-        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:120]
         if rank == 0:
             shutil.rmtree(temporary, ignore_errors=True)
         previous = complete_checkpoints(directory)
-        raise LacunaError(f"cannot write checkpoint {final} ({reason}): it needs ~{needed.item() / 2**20:,.1f} MiB, "
-                          f"{directory} has {free / 2**20:,.1f} MiB free; the last complete checkpoint "
-                          f"({previous[-1] if previous else 'none'}) stays usable: free space or pass another "
-                          "--run-dir, then resume") from None
+        raise LacunaError(f"cannot write checkpoint {final} ({first_line(cause, last=True, limit=120)}): it needs "
+                          f"~{needed.item() / 2**20:,.1f} MiB, {directory} has {free / 2**20:,.1f} MiB free; the last "
+                          f"complete checkpoint ({previous[-1] if previous else 'none'}) stays usable: free space or "
+                          "pass another --run-dir, then resume") from None
     dist.barrier()
     if rank == 0:
         (temporary / "config.toml").write_text(config_toml)
-        (temporary / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+        files = {path.name: path.stat().st_size for path in sorted(temporary.iterdir())}
+        (temporary / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         prune(directory, keep)
@@ -131,11 +149,13 @@ def prune(directory: Path, keep: int) -> None:
 
 
 def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG state in place (collective); returns the meta."""
+    """Restore model, optimizer and this rank's RNG state in place (collective); returns the meta. A different
+    model is a LacunaError; an unreadable checkpoint raises OSError/RuntimeError/CheckpointException."""
     meta = read_meta(checkpoint)
     if meta["fingerprint"] != model_fingerprint(model):
         raise LacunaError(f"checkpoint '{checkpoint}' is from a different model ({meta['model_name']}, other "
                           "parameter shapes): resume with that --model-name, or pass --resume none")
+    check_files(checkpoint, meta)  # every rank sees the same files, so every rank skips it, or none
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=checkpoint)
@@ -149,8 +169,95 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     return meta
 
 
-def export(checkpoint: Path, out: Path) -> None:
-    """Write `checkpoint` as an HF folder (weights, config, sampling generation config, tokenizer, chat template)."""
+@dataclass
+class Start:
+    """Where a run starts: the checkpoint it resumed from (None: step 0), its step and data position."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    global_batch_rows: int | None = None
+    world_size: int | None = None
+    notes: list[str] = field(default_factory=list)
+    """What the resume skipped or changed, for the start-up line."""
+
+
+class Checkpointer:
+    """The run's checkpoint policy: which checkpoint a run resumes from (the newest readable one), when it saves
+    (every `checkpoint.every` steps and at the last step), how many it keeps, and the export at the end."""
+
+    def __init__(self, config: Config) -> None:
+        self.config, self.directory = config, config.run_dir / "checkpoints"
+        self.latest: Path | None = None
+        self.skipped: list[Path] = []  # unreadable ones: saving their step again replaces them
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_identity: str) -> Start:
+        """Load the checkpoint `checkpoint.resume` names into model and optimizer (collective); where to start."""
+        choice, notes = self.config.checkpoint.resume, []
+        if choice == "none":
+            return Start()
+        if choice == "latest":
+            folders = checkpoint_folders(self.directory)
+            candidates = [path for path in folders if (path / "meta.json").is_file()]
+            newest = candidates[-1] if candidates else None
+            notes += [f"skipped {path.name} (no meta.json: its save did not finish)" for path in folders
+                      if path not in candidates and (newest is None or path.name > newest.name)]
+        else:
+            read_meta(Path(choice))
+            candidates = [Path(choice)]
+        for path in reversed(candidates):
+            try:
+                meta = load(path, model, optimizer)
+            except (OSError, RuntimeError, ValueError, KeyError, CheckpointException) as error:
+                cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) else error
+                notes.append(f"skipped unreadable {path} ({first_line(cause, last=True, limit=120)})")
+                self.skipped.append(path)
+                continue
+            self.latest = path
+            position = DataPosition(meta["epoch"], meta["offset"])
+            if meta.get("data", data_identity) != data_identity:
+                notes.append(f"the data differs from {path.name}'s: starting at its first row")
+                position = DataPosition()
+            return Start(path, meta["step"], position, meta["global_batch_rows"], meta["world_size"], notes)
+        if candidates:
+            raise LacunaError(f"no readable checkpoint in {self.directory}: {'; '.join(notes)}; pass --resume none "
+                              "with a new --run-dir to start again")
+        return Start(notes=notes)
+
+    def refuse_later(self, step: int) -> None:
+        """Refuse to start at `step` in a run folder holding checkpoints from later steps (they would be mixed up)."""
+        later = [path for path in complete_checkpoints(self.directory)
+                 if checkpoint_step(path) > step and path not in self.skipped]
+        if later:
+            raise LacunaError(f"run folder '{self.config.run_dir}' holds checkpoints after step {step} (newest "
+                              f"{later[-1]}): pass a new --run-dir, or --resume latest to continue it")
+
+    def due(self, step: int) -> bool:
+        """Whether to save at `step`: every `checkpoint.every` steps and always at the last."""
+        every = self.config.checkpoint.every
+        return (every > 0 and step % every == 0) or step == self.config.schedule.steps
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+        """Save checkpoint `step` (collective) and prune to the newest `checkpoint.keep` plus the best."""
+        self.latest = save(self.directory, step, model, optimizer, meta, to_toml(self.config),
+                           self.config.checkpoint.keep)
+
+    def export(self, rank: int) -> Path | None:
+        """Rank 0: export the newest checkpoint to RUN_DIR/export unless it already holds it (also after a kill
+        during an earlier export); returns the folder written, or None."""
+        out = self.config.run_dir / "export"
+        if rank != 0 or not self.config.checkpoint.export or self.latest is None:
+            return None
+        marker = out / EXPORT_MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("checkpoint") == self.latest.name:
+            return None
+        export(self.latest, out, overwrite=True)
+        return out
+
+
+def export(checkpoint: Path, out: Path, overwrite: bool = False) -> None:
+    """Write `checkpoint` as an HF folder (weights, config, sampling generation config, tokenizer, chat template),
+    replacing `out` atomically; a folder lacuna did not export is replaced only with `overwrite`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lacuna.chat_templates import load_template
@@ -158,8 +265,9 @@ def export(checkpoint: Path, out: Path) -> None:
     from lacuna.model import model_configuration
 
     meta = read_meta(checkpoint)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise LacunaError(f"'{out}' exists and is not an HF model folder: pass an empty or new --out folder")
+    if out.exists() and not overwrite and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise LacunaError(f"'{out}' already holds files lacuna did not export (a model folder?): pass a new --out, "
+                          "or --overwrite to replace it")
     config = load_config(["@", str(checkpoint / "config.toml")])
     # architecture only: every weight comes from the checkpoint, so reading the original weights would be wasted
     model = AutoModelForCausalLM.from_config(model_configuration(config), dtype=torch.float32,
@@ -178,9 +286,9 @@ def export(checkpoint: Path, out: Path) -> None:
                                               trust_remote_code=config.model.trust_remote_code)
     if meta.get("mode") == "sft":
         tokenizer.chat_template = load_template(config.prepare.chat_template, tokenizer)
-    temporary = out.with_name(out.name + ".tmp")
+    temporary = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(temporary, out)
+    (temporary / EXPORT_MARKER).write_text(json.dumps({"checkpoint": checkpoint.name, "step": meta["step"]}) + "\n")
+    replace_directory(temporary, out)

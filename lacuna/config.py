@@ -47,6 +47,8 @@ class DataConfig(Section):
     batch_size: int = Field(4, ge=1)
     """Rows per micro-batch per rank."""
     grad_accum: int = Field(1, ge=1)
+    global_batch_rows: int | None = Field(None, ge=1)
+    """Rows per optimizer step over all ranks; when set, grad_accum = global_batch_rows / (batch_size × ranks)."""
     verify: bool = False
 
 

@@ -145,13 +145,17 @@ class MetricsLogger:
         if self.enabled:
             self.console.print(message, **options)
 
+    def record(self, record: dict[str, Any]) -> None:
+        """One record to metrics.jsonl only (the start record)."""
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
     def log(self, record: dict[str, Any]) -> None:
-        """One record (must hold `step`) to every sink."""
+        """One step's record (must hold `step`) to every sink."""
         if not self.enabled:
             return
-        assert self.file is not None
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.record(record)
         if self.wandb is not None:
             self.wandb.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
         self.console.print(format_record(record, self.total_steps))

@@ -9,42 +9,60 @@ Run folder:
     RUN_DIR/checkpoints/step-00000100/         DCP model + optimizer, rng-RANK.pt, meta.json, config.toml
     RUN_DIR/export/                            HF folder written at the end
 
-A restarted run resumes from the newest complete checkpoint (`--resume latest`, the default) at the exact data
+A restarted run resumes from the newest readable checkpoint (`--resume latest`, the default) at the exact data
 position (also on another world size: grad_accum then keeps the global batch in rows); metrics records after that
-step, left by the interrupted run, are dropped.
+step, left by the interrupted run, are dropped. The run folder is locked while a run uses it. metrics.jsonl starts
+each run (and each resume) with a start record, `{"event": "start", ...}`: what the run decided (dtype, attention,
+liger, compile, world size, global batch), for tools and tests to read.
 """
 
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lacuna import checkpoint
-from lacuna.config import Config, ScheduleConfig, changed_settings, load_config, to_toml
+from lacuna.checkpoint import Checkpointer, Start, data_identity, model_fingerprint
+from lacuna.config import Config, DataConfig, ScheduleConfig, changed_settings, load_config, to_toml
 from lacuna.errors import LacunaError, run_main
-from lacuna.loader import Batch, DataPosition, Loader, eval_batches
+from lacuna.files import check_writable, exclusive_lock
+from lacuna.loader import Batch, Loader, eval_batches
+from lacuna.machine import nvidia_driver, unusable_gpu_message
 from lacuna.metrics import Interval, MetricsLogger, choose_dtype, memory_gib, peak_flops, truncate_metrics
+from lacuna.shards import ShardSet, open_shards
 
 
-def init_distributed(timeout_seconds: int) -> tuple[int, int, torch.device]:
-    """Process group from torchrun's environment, or a one-process group without it; returns rank, world, device."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(seconds=timeout_seconds)
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+def process_group_backend(cuda: bool) -> str:
+    """gloo for CPU tensors beside NCCL for CUDA ones: checkpointing and object collectives reduce CPU tensors, which
+    an NCCL-only group refuses ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def init_distributed(timeout_seconds: int) -> torch.device:
+    """Process group from torchrun's environment, or a one-process group without it; returns this rank's device.
+    Stops when GPUs are visible but this torch cannot use them (it would train on the CPU without a word)."""
+    cuda = torch.cuda.is_available()
+    driver = None if cuda else nvidia_driver()
+    if driver is not None:
+        raise LacunaError(unusable_gpu_message(driver, torch.__version__, torch.version.cuda))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    options: dict[str, Any] = {"backend": process_group_backend(cuda), "timeout": timedelta(seconds=timeout_seconds),
+                               "device_id": device if cuda else None}  # device_id: NCCL connects eagerly
+    if "RANK" in os.environ:
+        dist.init_process_group(**options)
+    else:
+        dist.init_process_group(**options, store=dist.HashStore(), rank=0, world_size=1)
+    return device
 
 
 def learning_rate(step: int, peak: float, schedule: ScheduleConfig) -> float:
@@ -64,7 +82,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
                              betas=config.optim.betas, eps=config.optim.eps, fused=True)
 
 
-def check_data(shards: Any, model_config: Any, config: Config) -> None:
+def check_data(shards: ShardSet, model_config: Any, config: Config) -> None:
     """One-line errors when the shards were not made for this model (tokenizer, vocabulary, context length)."""
     from transformers import AutoTokenizer
 
@@ -87,20 +105,6 @@ def check_data(shards: Any, model_config: Any, config: Config) -> None:
                           f"prepare it again with --seq-len {context} or less")
 
 
-def train_step(model: torch.nn.Module, batches: list[Batch], supervised_total: int,
-               device: torch.device) -> torch.Tensor:
-    """Forward/backward every micro-batch. Each loss is divided by the global batch's supervised-token count and
-    FSDP sums gradients over ranks, so the gradient is that of the mean loss over the whole optimizer step."""
-    from lacuna.model import loss_sum
-
-    local_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for batch in batches:
-        loss = loss_sum(model, batch.to(device))
-        (loss / max(supervised_total, 1)).backward()
-        local_sum += loss.detach()
-    return local_sum
-
-
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm, clipping gradients to `max_norm` when it is positive. Squares are summed per local
     shard, then over ranks; in fp64 on CPU, whose fp32 norm of a large embedding is off by ~1e-4 (differently for
@@ -120,8 +124,39 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+class StepResult(NamedTuple):
+    loss_sum: torch.Tensor  # this rank's summed token losses (fp32)
+    grad_norm: torch.Tensor  # before clipping; not finite: the update was skipped
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: list[Batch], supervised_total: int,
+                         device: torch.device) -> torch.Tensor:
+    """Forward/backward of every micro-batch; returns this rank's summed token losses (fp32). Each loss is divided by
+    the global batch's supervised-token count and FSDP sums gradients over ranks, so the gradient is that of the mean
+    loss over the whole optimizer step."""
+    from lacuna.model import loss_sum
+
+    local_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for batch in batches:
+        loss = loss_sum(model, batch.to(device))
+        (loss / max(supervised_total, 1)).backward()
+        local_sum += loss.detach()
+    return local_sum
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], supervised_total: int,
+               grad_clip: float, device: torch.device) -> StepResult:
+    """One optimizer step: gradients of the global batch, clipping, AdamW; a non-finite gradient skips the update."""
+    local_sum = accumulate_gradients(model, batches, supervised_total, device)
+    grad_norm = clip_gradients(model, grad_clip)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(local_sum, grad_norm)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, shards: Any, config: Config, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, shards: ShardSet, config: Config, device: torch.device) -> float:
     """Mean loss per supervised token over the first eval.max_rows rows of the val split, across all ranks."""
     from lacuna.model import loss_sum
 
@@ -136,132 +171,183 @@ def evaluate(model: torch.nn.Module, shards: Any, config: Config, device: torch.
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def adapt_grad_accum(config: Config, meta: dict[str, Any], world_size: int) -> str:
-    """On a world-size change, keep the checkpoint's global batch in rows by adjusting grad_accum; returns a note."""
-    rows, per_step = meta["global_batch_rows"], config.data.batch_size * world_size
-    if meta["world_size"] == world_size or rows == per_step * config.data.grad_accum:
-        return ""
-    if rows % per_step:
-        raise LacunaError(f"the checkpoint's global batch of {rows} rows does not divide by batch size "
-                          f"{config.data.batch_size} × {world_size} ranks: pick a --batch-size that divides it")
-    config.data.grad_accum = rows // per_step
-    return f" (world size {meta['world_size']} → {world_size}: grad_accum {config.data.grad_accum} keeps {rows} rows)"
+def derive_grad_accum(data: DataConfig, world_size: int, start: Start) -> int:
+    """Micro-batches per step: global_batch_rows / (batch_size × world size) when the config states a global
+    batch; after a resume on another world size, the checkpoint's global batch kept the same way; else grad_accum."""
+    rows = data.global_batch_rows or (start.global_batch_rows if start.world_size not in (None, world_size) else None)
+    if rows is None:
+        return data.grad_accum
+    per_micro_step = data.batch_size * world_size
+    if rows % per_micro_step:
+        raise LacunaError(f"a global batch of {rows} rows does not divide by batch size {data.batch_size} × "
+                          f"{world_size} ranks: pick a --batch-size (or --data.global-batch-rows) that divides it")
+    return rows // per_micro_step
 
 
-def check_run_dir(config: Config, step: int) -> None:
-    """Refuse to start at `step` in a run folder holding checkpoints from later steps (they would be mixed up)."""
-    later = [path for path in checkpoint.complete_checkpoints(config.run_dir / "checkpoints")
-             if int(path.name.split("-")[1]) > step]
-    if later:
-        raise LacunaError(f"run folder '{config.run_dir}' holds checkpoints after step {step} (newest {later[-1]}): "
-                          "pass a new --run-dir, or --resume latest to continue it")
+def rank_zero(action: Callable[[], Any]) -> Any:
+    """`action`'s result on rank 0, or its LacunaError, given to every rank (so none is left waiting)."""
+    outcome: list[Any] = [(None, None)]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = (action(), None)
+        except LacunaError as error:
+            outcome[0] = (None, str(error))
+    dist.broadcast_object_list(outcome)
+    if outcome[0][1]:
+        raise LacunaError(outcome[0][1])
+    return outcome[0][0]
 
 
-def prepare_run_dir(config: Config, step: int) -> None:
-    """Rank 0: write config.toml, drop metrics records after `step` (written after the last checkpoint)."""
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "config.toml").write_text(to_toml(config))
-    truncate_metrics(config.run_dir / "metrics.jsonl", step)
-
-
-def train(config: Config, rank: int, world_size: int, device: torch.device) -> None:
-    """The training loop (all ranks)."""
-    from lacuna.model import build_model, flops_per_token
-    from lacuna.shards import open_shards
-
+def open_data(config: Config) -> tuple[ShardSet, ShardSet | None]:
+    """The train split, and the val split when evaluation is on (one-line error when there is none)."""
     shards = open_shards(config.data.path, "train", verify=config.data.verify)
-    val_shards = None
-    if config.eval.every:
-        has_val = "val" in shards.manifest["splits"]
-        val_shards = open_shards(config.data.path, "val", verify=config.data.verify) if has_val else None
-        if val_shards is None or val_shards.num_rows == 0:
-            raise LacunaError(f"--eval-every {config.eval.every} needs a val split but '{config.data.path}' has "
-                              "none: prepare it with --val-fraction > 0, or pass --eval-every 0")
-    decision = [choose_dtype(config.model.dtype, device) if rank == 0 else None]
-    dist.broadcast_object_list(decision)  # one probe decides for every rank: their timings could disagree
-    config.model.dtype, dtype_reason = decision[0]
-    torch.manual_seed(config.seed)
-    model = build_model(config, device)
-    check_data(shards, model.config, config)
-    optimizer = build_optimizer(model, config)
-    step, position, resume = 0, DataPosition(), checkpoint.resume_path(config.checkpoint.resume, config.run_dir)
-    note = ""
-    if resume is not None:
-        meta = checkpoint.load(resume, model, optimizer)
-        step, position = meta["step"], DataPosition(meta["epoch"], meta["offset"])
-        note = adapt_grad_accum(config, meta, world_size)
-    check_run_dir(config, step)
-    if rank == 0:
-        prepare_run_dir(config, step)
-    logger = MetricsLogger(config.run_dir, rank == 0, config.log.wandb, config.log.wandb_project,
-                           config.model_dump(mode="json"), config.schedule.steps)
-    logger.print(f"config (non-default; all of it in {config.run_dir / 'config.toml'}): {changed_settings(config)}",
-                 style="dim", markup=False)
-    logger.print(f"compute dtype {config.model.dtype} ({dtype_reason}), attention {model.config._attn_implementation}"
-                 f"{', liger' if hasattr(model, 'fused_loss') else ''}")
-    logger.print(f"resumed from {resume} at step {step}{note}" if resume else "starting from step 0")
-    loader = Loader(shards, config.data.batch_size, config.data.grad_accum, rank, world_size, config.seed, position)
-    peak = peak_flops(device, getattr(torch, config.model.dtype), config.log.peak_tflops)
-    flops = flops_per_token(model.config, shards.seq_len)
-    tokens_per_step = loader.global_batch_rows * shards.seq_len
-    last_checkpoint, interval = resume, Interval()
-    if step >= config.schedule.steps:
-        logger.print(f"nothing to do: the run is already at step {step} of {config.schedule.steps}")
-    model.train()
-    while step < config.schedule.steps:
-        step += 1
-        started = time.perf_counter()
-        lr = learning_rate(step, config.optim.lr, config.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches, supervised_total = loader.next_step()
-        data_seconds = time.perf_counter() - started
-        local_sum = train_step(model, batches, supervised_total, device)
-        grad_norm = clip_gradients(model, config.optim.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise LacunaError(f"loss or gradients became NaN/inf at step {step}; stopped without saving, the last good "
-                              f"checkpoint is {last_checkpoint or 'none'}: lower --lr or check the data")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        interval.add(time.perf_counter() - started, data_seconds, supervised_total)
-        last_step = step == config.schedule.steps
-        eval_loss = None
-        if val_shards is not None and (step % config.eval.every == 0 or last_step):
-            eval_loss = evaluate(model, val_shards, config, device)
-        if step % config.log.every == 0 or last_step or eval_loss is not None:
-            dist.all_reduce(local_sum)
-            record = {"step": step, "loss": local_sum.item() / max(supervised_total, 1), "lr": lr,
-                      "grad_norm": grad_norm.item(), **interval.throughput(tokens_per_step, flops, peak, world_size),
-                      "memory_gib": memory_gib(device), "epoch": loader.position.epoch}
-            logger.log(record | ({"eval_loss": eval_loss} if eval_loss is not None else {}))
-            interval = Interval()
-        if (config.checkpoint.every and step % config.checkpoint.every == 0) or last_step:
-            meta = {"epoch": loader.position.epoch, "offset": loader.position.offset, "eval_loss": eval_loss,
-                    "global_batch_rows": loader.global_batch_rows, "world_size": world_size,
-                    "model_name": config.model.name, "fingerprint": checkpoint.model_fingerprint(model),
-                    "mode": shards.manifest["mode"], "tokenizer": shards.manifest["tokenizer"]["name"]}
-            last_checkpoint = checkpoint.save(config.run_dir / "checkpoints", step, model, optimizer, meta,
-                                              to_toml(config), config.checkpoint.keep)
-    logger.close()
-    export_dir = config.run_dir / "export"
-    if rank == 0 and config.checkpoint.export and last_checkpoint is not None and last_checkpoint != resume:
-        checkpoint.export(last_checkpoint, export_dir)
-        logger.print(f"exported {last_checkpoint} to {export_dir}")
+    if not config.eval.every:
+        return shards, None
+    has_val = "val" in shards.manifest["splits"]
+    val_shards = open_shards(config.data.path, "val", verify=config.data.verify) if has_val else None
+    if val_shards is None or val_shards.num_rows == 0:
+        raise LacunaError(f"--eval-every {config.eval.every} needs a val split but '{config.data.path}' has "
+                          "none: prepare it with --val-fraction > 0, or pass --eval-every 0")
+    return shards, val_shards
+
+
+def lock_run_folder(config: Config, stack: ExitStack) -> None:
+    """Create the run folder and hold its lock until `stack` closes: a second run on it is refused in one line."""
+    check_writable(config.run_dir, "run folder")
+    stack.enter_context(exclusive_lock(config.run_dir, "training run"))
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class Trainer:
+    """A run: set up in order (run folder, data, dtype, model, optimizer, resume, logger), then `fit`."""
+
+    def __init__(self, config: Config, device: torch.device, stack: ExitStack) -> None:
+        from lacuna.model import build_model
+
+        self.config, self.device, world_size = config, device, dist.get_world_size()
+        rank_zero(lambda: lock_run_folder(config, stack))
+        self.shards, self.val_shards = open_data(config)
+        # one decision for every rank: their probes could disagree
+        config.model.dtype, dtype_reason = rank_zero(lambda: choose_dtype(config.model.dtype, device))
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, device)
+        check_data(self.shards, self.model.config, config)
+        self.optimizer = build_optimizer(self.model, config)
+        self.checkpointer = Checkpointer(config)
+        start = self.checkpointer.restore(self.model, self.optimizer, data_identity(self.shards.manifest))
+        config.data.grad_accum = derive_grad_accum(config.data, world_size, start)
+        self.checkpointer.refuse_later(start.step)
+        if dist.get_rank() == 0:
+            (config.run_dir / "config.toml").write_text(to_toml(config))
+            truncate_metrics(config.run_dir / "metrics.jsonl", start.step)
+        self.logger = MetricsLogger(config.run_dir, dist.get_rank() == 0, config.log.wandb, config.log.wandb_project,
+                                    config.model_dump(mode="json"), config.schedule.steps)
+        self.loader = Loader(self.shards, config.data.batch_size, config.data.grad_accum, dist.get_rank(), world_size,
+                             config.seed, start.position)
+        self.step, self.tokens_per_step = start.step, self.loader.global_batch_rows * self.shards.seq_len
+        self.announce(start, dtype_reason)
+
+    def announce(self, start: Start, dtype_reason: str) -> None:
+        """The start-up lines, and metrics.jsonl's start record of what this run decided."""
+        config, model, world_size = self.config, self.model, dist.get_world_size()
+        record = {"event": "start", "step": start.step, "dtype": config.model.dtype, "dtype_reason": dtype_reason,
+                  "attention": model.config._attn_implementation, "liger": hasattr(model, "fused_loss"),
+                  "compile": config.model.compile, "activation_checkpointing": config.model.activation_checkpointing,
+                  "world_size": world_size, "replicate": config.parallel.replicate,
+                  "batch_size": config.data.batch_size, "grad_accum": config.data.grad_accum,
+                  "global_batch_rows": self.loader.global_batch_rows, "seq_len": self.shards.seq_len,
+                  "tokens_per_step": self.tokens_per_step, "total_tokens": self.tokens_per_step * config.schedule.steps,
+                  "resumed_from": str(start.checkpoint) if start.checkpoint else None, "torch": torch.__version__,
+                  "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
+        self.logger.record(record)
+        self.logger.print(f"config (non-default; all of it in {config.run_dir / 'config.toml'}): "
+                          f"{changed_settings(config)}", style="dim", markup=False)
+        self.logger.print(f"compute dtype {record['dtype']} ({dtype_reason}), attention {record['attention']}"
+                          f"{', liger' if record['liger'] else ''}; global batch {self.loader.global_batch_rows} rows "
+                          f"(batch {config.data.batch_size} × grad_accum {config.data.grad_accum} × {world_size} "
+                          f"ranks) = {self.tokens_per_step:,} tokens per step, {record['total_tokens']:,} in all")
+        for note in start.notes:
+            self.logger.print(f"resume: {note}", style="yellow")
+        self.logger.print(f"resumed from {start.checkpoint} at step {start.step}" if start.checkpoint
+                          else "starting from step 0")
+
+    def fit(self) -> None:
+        """The loop: one optimizer step after another, with logging, evaluation and checkpoints."""
+        from lacuna.model import flops_per_token
+
+        config, model, device = self.config, self.model, self.device
+        peak = peak_flops(device, getattr(torch, config.model.dtype), config.log.peak_tflops)
+        flops, interval = flops_per_token(model.config, self.shards.seq_len), Interval()
+        if self.step >= config.schedule.steps:
+            self.logger.print(f"nothing to do: the run is already at step {self.step} of {config.schedule.steps}")
+        model.train()
+        while self.step < config.schedule.steps:
+            self.step += 1
+            started = time.perf_counter()
+            lr = learning_rate(self.step, config.optim.lr, config.schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batches, supervised_total = self.loader.next_step()
+            data_seconds = time.perf_counter() - started
+            result = train_step(model, self.optimizer, batches, supervised_total, config.optim.grad_clip, device)
+            if not torch.isfinite(result.grad_norm):
+                raise LacunaError(f"loss or gradients became NaN/inf at step {self.step}; stopped without saving, the "
+                                  f"last good checkpoint is {self.checkpointer.latest or 'none'}: lower --lr or check "
+                                  "the data")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            interval.add(time.perf_counter() - started, data_seconds, supervised_total)
+            last_step, eval_loss = self.step == config.schedule.steps, None
+            if self.val_shards is not None and (self.step % config.eval.every == 0 or last_step):
+                eval_loss = evaluate(model, self.val_shards, config, device)
+            if self.step % config.log.every == 0 or last_step or eval_loss is not None:
+                dist.all_reduce(result.loss_sum)
+                self.logger.log({"step": self.step, "loss": result.loss_sum.item() / max(supervised_total, 1),
+                                 "lr": lr, "grad_norm": result.grad_norm.item(),
+                                 **interval.throughput(self.tokens_per_step, flops, peak, dist.get_world_size()),
+                                 "memory_gib": memory_gib(device), "epoch": self.loader.position.epoch}
+                                | ({"eval_loss": eval_loss} if eval_loss is not None else {}))
+                interval = Interval()
+            if self.checkpointer.due(self.step):
+                self.checkpointer.save(self.step, model, self.optimizer, self.checkpoint_meta(eval_loss))
+
+    def checkpoint_meta(self, eval_loss: float | None) -> dict[str, Any]:
+        """What a checkpoint records beside the weights: the data position and what a resume checks."""
+        manifest = self.shards.manifest
+        return {"epoch": self.loader.position.epoch, "offset": self.loader.position.offset, "eval_loss": eval_loss,
+                "global_batch_rows": self.loader.global_batch_rows, "world_size": dist.get_world_size(),
+                "model_name": self.config.model.name, "fingerprint": model_fingerprint(self.model),
+                "data": data_identity(manifest), "mode": manifest["mode"], "tokenizer": manifest["tokenizer"]["name"]}
+
+
+def train(config: Config, device: torch.device) -> None:
+    """Set up, train, export (all ranks); a stop by signal says which checkpoint was kept."""
+    with ExitStack() as stack:
+        trainer = Trainer(config, device, stack)
+        try:
+            trainer.fit()
+        except KeyboardInterrupt:
+            raise LacunaError(f"stopped by a signal during step {trainer.step}; the newest complete checkpoint is "
+                              f"{trainer.checkpointer.latest or 'none'}: run the same command again to resume from it"
+                              ) from None
+        trainer.logger.close()
+        exported = trainer.checkpointer.export(dist.get_rank())
+        if exported is not None:
+            trainer.logger.print(f"exported {trainer.checkpointer.latest} to {exported}")
 
 
 def main(arguments: list[str]) -> None:
     """Entry point: `python -m lacuna.train [@ file.toml] [--key value ...]` (also under torchrun)."""
     config = load_config(arguments, command="train")
-    rank, world_size, device = init_distributed(config.parallel.timeout_seconds)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # torchrun's or SLURM's stop: say what was kept
+    device = init_distributed(config.parallel.timeout_seconds)
     try:
-        train(config, rank, world_size, device)
+        train(config, device)
     except RuntimeError as error:
         if "timed out" in str(error).lower() or "timeout" in str(error).lower():
-            raise LacunaError(f"rank {rank}: a collective timed out after {config.parallel.timeout_seconds} s (another "
-                              "rank died or hung; see its output): raise --parallel.timeout-seconds if steps are "
-                              "legitimately that slow") from None
+            raise LacunaError(f"rank {dist.get_rank()}: a collective timed out after {config.parallel.timeout_seconds}"
+                              " s (another rank died or hung; see its output): raise --parallel.timeout-seconds if "
+                              "steps are legitimately that slow") from None
         raise
     finally:
         dist.destroy_process_group()

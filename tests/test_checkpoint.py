@@ -12,7 +12,7 @@ from conftest import make_model_folder, prepare_data, read_metrics, train_argume
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lacuna.chat_templates import has_generation_tags
-from lacuna.checkpoint import complete_checkpoints, export, prune, resume_path
+from lacuna.checkpoint import checkpoint_folders, complete_checkpoints, export, prune, read_meta
 from lacuna.errors import LacunaError
 from lacuna.train import main
 
@@ -49,11 +49,11 @@ def test_retention_keeps_the_newest_and_the_best_and_skips_partial_saves(tmp_pat
     (tmp_path / "step-00000007.tmp").mkdir()  # a save interrupted before its rename
     (tmp_path / "step-00000008").mkdir()  # no meta.json: not a checkpoint
     assert [path.name for path in complete_checkpoints(tmp_path)][-1] == "step-00000006"
-    assert resume_path("latest", tmp_path.parent) is None  # `latest` looks in RUN_DIR/checkpoints
+    assert checkpoint_folders(tmp_path)[-1].name == "step-00000008"  # a resume names it as skipped
     prune(tmp_path, keep=2)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000002", "step-00000005", "step-00000006"]
     with pytest.raises(LacunaError, match="not a complete lacuna checkpoint"):
-        resume_path(str(tmp_path / "step-00000009"), tmp_path)
+        read_meta(tmp_path / "step-00000008")
 
 
 @pytest.mark.slow
@@ -99,12 +99,79 @@ def test_export_reloads_in_plain_transformers_with_the_trained_weights_and_gener
 
 
 @pytest.mark.slow
-def test_export_refuses_to_overwrite_a_folder_that_is_not_a_model(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_export_never_replaces_a_folder_lacuna_did_not_export(trained: dict[str, Path], tmp_path: Path) -> None:
+    checkpoint = trained["run"] / "checkpoints/step-00000004"
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(LacunaError, match="is not an HF model folder"):
-        export(trained["run"] / "checkpoints/step-00000004", tmp_path)
+    base_model = tmp_path / "base-model"  # a user's model folder, as `cp -r data/models/... mymodel` makes
+    shutil.copytree(trained["model"], base_model)
+    (base_model / "model.safetensors").write_bytes(b"weights")
+    for folder in (tmp_path, base_model):
+        with pytest.raises(LacunaError, match="already holds files lacuna did not export.*--overwrite"):
+            export(checkpoint, folder)
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and (base_model / "model.safetensors").is_file()
+    export(checkpoint, base_model, overwrite=True)  # the user said so
+    assert (base_model / "model.safetensors").stat().st_size > 1000 and (base_model / "lacuna-export.json").is_file()
+    export(trained["run"] / "checkpoints/step-00000003", base_model)  # lacuna's own export: replaced
+    assert json.loads((base_model / "lacuna-export.json").read_text())["step"] == 3
+    assert not list(tmp_path.glob(".base-model*"))  # nothing left beside it
     with pytest.raises(LacunaError, match="not a complete lacuna checkpoint"):
         export(trained["run"], tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_resume_skips_unreadable_checkpoints_for_the_newest_readable_one(trained: dict[str, Path], capsys) -> None:
+    damaged = trained["root"] / "damaged"
+    shutil.copytree(trained["run"], damaged)
+    (damaged / "checkpoints/step-00000004/meta.json").unlink()  # a deleted meta.json: incomplete
+    shard = next((damaged / "checkpoints/step-00000003").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated copy
+    shutil.rmtree(damaged / "export")
+    capsys.readouterr()
+    main(run_arguments(trained["data"], trained["model"], damaged))
+    output = capsys.readouterr().out
+    assert "skipped step-00000004 (no meta.json" in output
+    assert f"skipped unreadable {damaged / 'checkpoints/step-00000003'} (" in output and "bytes" in output
+    assert f"resumed from {damaged / 'checkpoints/step-00000002'} at step 2" in output
+    assert deterministic(damaged) == deterministic(trained["run"])  # steps 3 and 4 trained again, bit for bit
+    assert read_meta(damaged / "checkpoints/step-00000003")["files"]  # rewritten whole
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_kill_during_the_export_exports(trained: dict[str, Path], capsys) -> None:
+    rerun = trained["root"] / "export-killed"
+    shutil.copytree(trained["run"], rerun)
+    shutil.rmtree(rerun / "export")  # the export is written beside and renamed in: a kill leaves none
+    main(run_arguments(trained["data"], trained["model"], rerun))
+    assert "nothing to do: the run is already at step 4" in capsys.readouterr().out
+    exported = (rerun / "export/model.safetensors").read_bytes()
+    assert exported == (trained["run"] / "export/model.safetensors").read_bytes()
+
+
+LOCK_HOLDER = """
+import sys
+from pathlib import Path
+from lacuna.files import exclusive_lock
+with exclusive_lock(Path(sys.argv[1]), "training run"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_locked_run_folder_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LacunaError, match=f"training run '{run_dir}' is being written by process {holder.pid}"):
+            main(run_arguments(trained["data"], trained["model"], run_dir))
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (run_dir / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -15,13 +15,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import make_model_folder, prepare_data, read_metrics, torchrun, train_arguments
+from conftest import REPOSITORY, make_model_folder, prepare_data, read_metrics, torchrun, train_arguments
 
-from lacuna.config import ScheduleConfig, load_config
+from lacuna.checkpoint import Start
+from lacuna.config import DataConfig, ScheduleConfig, load_config
 from lacuna.errors import LacunaError
 from lacuna.loader import Loader
+from lacuna.machine import nvidia_driver, unusable_gpu_message
 from lacuna.shards import open_shards
-from lacuna.train import build_optimizer, init_distributed, learning_rate, main, train_step
+from lacuna.train import (
+    accumulate_gradients,
+    build_optimizer,
+    derive_grad_accum,
+    init_distributed,
+    learning_rate,
+    main,
+    process_group_backend,
+)
 
 
 def assert_close(records: list[dict], expected: list[dict], tolerance: float) -> None:
@@ -34,7 +44,7 @@ def assert_close(records: list[dict], expected: list[dict], tolerance: float) ->
 @contextlib.contextmanager
 def process_group() -> Iterator[torch.device]:
     """A one-process gloo group in this process, as `python -m lacuna.train` makes it."""
-    _, _, device = init_distributed(60)
+    device = init_distributed(60)
     try:
         yield device
     finally:
@@ -74,7 +84,7 @@ def test_accumulation_splits_give_identical_gradients_and_masked_tokens_count_no
         for batch_size, grad_accum in ((1, 8), (2, 4), (8, 1)):
             batches, supervised = Loader(shards, batch_size, grad_accum, 0, 1, seed=5).next_step()
             assert len(batches) == grad_accum and sum(batch.supervised_tokens for batch in batches) == supervised
-            losses.append(train_step(model, batches, supervised, device).item() / supervised)
+            losses.append(accumulate_gradients(model, batches, supervised, device).item() / supervised)
             gradients.append({name: parameter.grad.full_tensor().clone()
                               for name, parameter in model.named_parameters()})
             model.zero_grad(set_to_none=True)
@@ -97,7 +107,7 @@ def test_accumulation_splits_give_identical_gradients_and_masked_tokens_count_no
 
         # A micro-batch without any supervised token still runs forward and backward (FSDP collectives) and adds 0.
         batch.labels.fill_(-100)
-        assert train_step(model, [batch], 0, device).item() == 0.0
+        assert accumulate_gradients(model, [batch], 0, device).item() == 0.0
         assert all(parameter.grad is None or parameter.grad.full_tensor().abs().max() == 0
                    for parameter in model.parameters())
 
@@ -120,6 +130,39 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(runs: dict[str, Path]
     assert "eval_loss" in one[1] and "eval_loss" in one[3] and "eval_loss" not in one[0]
     assert one[1]["eval_loss"] == pytest.approx(two[1]["eval_loss"], rel=1e-6)
     assert (runs["one"] / "config.toml").is_file() and (runs["two"] / "export/model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_each_run_starts_metrics_with_a_record_of_what_it_decided(runs: dict[str, Path]) -> None:
+    (one,), (two,) = read_metrics(runs["one"], "start"), read_metrics(runs["two"], "start")
+    for record, world_size, grad_accum in ((one, 1, 2), (two, 2, 2)):
+        assert record["step"] == 0 and record["resumed_from"] is None and record["device"] == "cpu"
+        assert record["dtype"] == "float32" and record["dtype_reason"] == "model.dtype"
+        assert record["attention"] == "lacuna_varlen_sdpa" and record["liger"] is False and record["compile"] is False
+        assert (record["world_size"], record["grad_accum"], record["global_batch_rows"]) == (world_size, grad_accum, 4)
+        assert record["tokens_per_step"] == 4 * 128 and record["total_tokens"] == 4 * 4 * 128
+
+
+def test_global_batch_derives_grad_accum_from_the_world_size() -> None:
+    data = DataConfig(batch_size=16, global_batch_rows=128)
+    assert [derive_grad_accum(data, world_size, Start()) for world_size in (1, 2, 8)] == [8, 4, 1]
+    with pytest.raises(LacunaError, match="global batch of 128 rows does not divide by batch size 16 × 3 ranks"):
+        derive_grad_accum(data, 3, Start())
+    fixed = DataConfig(batch_size=2, grad_accum=3)  # no global batch stated: grad_accum as given
+    assert derive_grad_accum(fixed, 8, Start()) == 3
+    assert derive_grad_accum(fixed, 8, Start(global_batch_rows=32, world_size=8)) == 3  # same world size
+    assert derive_grad_accum(fixed, 4, Start(global_batch_rows=32, world_size=8)) == 4  # kept across world sizes
+    recipe = load_config(["@", str(REPOSITORY / "configs/pretrain_qwen.toml")])
+    assert [derive_grad_accum(recipe.data, world_size, Start()) for world_size in (1, 8)] == [8, 1]
+
+
+def test_cuda_runs_get_a_cpu_backend_beside_nccl_and_unusable_gpus_stop_the_run(monkeypatch) -> None:
+    assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl" and process_group_backend(cuda=False) == "gloo"
+    message = unusable_gpu_message("550.54.15", "2.15.0+cu130", "13.0")
+    assert "driver 550.54.15" in message and "CUDA 13.0 build" in message and ">= 580" in message
+    assert "CPU-only build" in unusable_gpu_message("580.1", "2.13.0+cpu", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose: no check
+    assert nvidia_driver() is None
 
 
 @pytest.mark.slow
