@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(ASSETS): $(STAMP)
-	$(LACUNA) assets --data-dir data
+	$(PYTHON) pipelines/assets.py --data-dir data
 	touch $(ASSETS)
 
 setup: $(STAMP) $(ASSETS)

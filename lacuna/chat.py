@@ -13,16 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lacuna.errors import LacunaError
+from lacuna.config import TEMPERATURE, TOP_P
+from lacuna.errors import LacunaError, first_line
+from lacuna.files import write_atomically
 
 Message = dict[str, str]
-TEMPERATURE, TOP_P = 0.7, 0.9  # the chat's sampling defaults, also written into every export's generation config
 COMMANDS = "/reset  /system TEXT  /save FILE  /exit"
 WHERE_TO_FIND = "pass an HF export folder (RUN_DIR/export) or a DCP checkpoint (RUN_DIR/checkpoints/step-N)"
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class ReplyError(LacunaError):
@@ -46,11 +43,11 @@ class LocalModel:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
-            raise LacunaError(f"no usable tokenizer in '{path}' ({_first_line(error)}): {WHERE_TO_FIND}") from None
+            raise LacunaError(f"no usable tokenizer in '{path}' ({first_line(error)}): {WHERE_TO_FIND}") from None
         try:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         except (OSError, ValueError) as error:
-            raise LacunaError(f"'{path}' is not a loadable causal LM ({_first_line(error)}): {WHERE_TO_FIND}") from None
+            raise LacunaError(f"'{path}' is not a loadable causal LM ({first_line(error)}): {WHERE_TO_FIND}") from None
         if not self.tokenizer.chat_template:
             self.tokenizer.chat_template = load_template(None, self.tokenizer)
         eos = self.model.generation_config.eos_token_id
@@ -71,7 +68,7 @@ class LocalModel:
             inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                         return_dict=True).to(self.device)
         except Exception as error:  # templates raise on conversations they do not support (roles, order)
-            raise ReplyError(f"the chat template rejected the conversation: {_first_line(error)}") from None
+            raise ReplyError(f"the chat template rejected the conversation: {first_line(error)}") from None
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
@@ -94,7 +91,7 @@ class LocalModel:
             stop.set()
             thread.join()
         if errors:
-            raise ReplyError(f"generation failed: {_first_line(errors[0])}")
+            raise ReplyError(f"generation failed: {first_line(errors[0])}")
 
 
 def load_local(model: str) -> LocalModel:
@@ -176,8 +173,6 @@ def save_conversation(path: Path, messages: list[Message]) -> None:
     existing = path.read_text(encoding="utf-8") if path.is_file() else ""
     if existing and not existing.endswith("\n"):
         existing += "\n"
-    from lacuna.shards import write_atomically
-
     write_atomically(path, existing + json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 

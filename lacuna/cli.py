@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lacuna.chat import TEMPERATURE, TOP_P
+from lacuna.config import TEMPERATURE, TOP_P
 from lacuna.errors import LacunaError, run_main
 
 app = typer.Typer(
@@ -50,7 +50,6 @@ def train(context: typer.Context) -> None:
 
 def _recipe(name: str, arguments: list[str]) -> None:
     """Prepare the data folder when missing or stale, then train: with the user's `@ file.toml`s, else configs/NAME."""
-    from lacuna.assets import materialize
     from lacuna.config import load_config, parse_arguments
     from lacuna.launch import launch
     from lacuna.prepare import main as prepare_main
@@ -58,12 +57,14 @@ def _recipe(name: str, arguments: list[str]) -> None:
     from lacuna.shards import FORMAT_VERSION
 
     files = [part for path in parse_arguments(arguments)[0] for part in ("@", str(path))]
-    if not files:  # the embedded default: its config and the offline assets it names
+    if not files:  # the embedded default: its config and the offline assets it names (pipelines/assets.py)
         config_file = Path("configs") / f"{name}.toml"
         if not config_file.is_file():
             raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root or "
                               "pass your own config with `@ file.toml`")
-        materialize(Path("data"))
+        if not Path("data/models").is_dir():
+            raise LacunaError(f"the offline assets of {config_file} are not in data/: run `make {name}`, or "
+                              "`python pipelines/assets.py` first")
         files, arguments = ["@", str(config_file)], ["@", str(config_file), *arguments]
     config = load_config(arguments)
     if config.prepare.mode != name:
@@ -134,17 +135,6 @@ def chat(
 
     run_chat(model=model, base_url=base_url, api_key=api_key, system=system, temperature=temperature,
              top_p=top_p, max_tokens=max_tokens)
-
-
-@app.command()
-def assets(
-    data_dir: Annotated[Path, typer.Option(help="Where to materialise the embedded assets.")] = Path("data"),
-    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
-) -> None:
-    """Materialise the offline embedded default: SmolLM2 model + tokenizer, stdlib corpus, chat data."""
-    from lacuna.assets import materialize
-
-    materialize(data_dir, force=force)
 
 
 @app.command("count-lines")

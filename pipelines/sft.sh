@@ -4,4 +4,5 @@
 # Extra arguments are config overrides for both stages, e.g. `bash pipelines/sft.sh --steps 20`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+.venv/bin/python pipelines/assets.py --data-dir data
 exec .venv/bin/lacuna sft "$@"

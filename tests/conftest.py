@@ -2,6 +2,7 @@
 and the one launcher of multi-process tests. Heavy libraries are imported inside the helpers that need them."""
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -10,12 +11,11 @@ import subprocess
 import sys
 from itertools import pairwise
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-
-from lacuna.assets import MODEL_NAME, materialize
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedModel
@@ -31,7 +31,19 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPOSITORY = Path(__file__).resolve().parents[1]
 DATA = REPOSITORY / "data"
 TOKENIZER = DATA / "models" / "SmolLM2-config"
-__all__ = ["MODEL_NAME", "materialize"]  # re-exported: the tests import the asset builder from here
+
+
+def load_pipeline(name: str) -> ModuleType:
+    """pipelines/NAME.py, a script of this repository rather than package code, as a module."""
+    specification = importlib.util.spec_from_file_location(name, REPOSITORY / "pipelines" / f"{name}.py")
+    assert specification is not None and specification.loader is not None
+    module = importlib.util.module_from_spec(specification)
+    specification.loader.exec_module(module)
+    return module
+
+
+assets = load_pipeline("assets")  # the offline demo assets that the tests use: materialize(DATA) builds what is missing
+materialize, MODEL_NAME = assets.materialize, assets.MODEL_NAME
 
 # The one tiny model of the suite (head_dim follows: 16). VOCAB is the vocabulary of the models without a tokenizer.
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

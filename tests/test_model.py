@@ -194,7 +194,7 @@ def test_load_model_random_init_is_seeded_and_applies_overrides(tmp_path: Path) 
     assert not torch.equal(scratch.lm_head.weight, pretrained.lm_head.weight)
     with pytest.raises(LacunaError, match="hidden_sise"):
         load_model(Config.model_validate({"model": {"name": str(folder), "config_overrides": {"hidden_sise": 8}}}))
-    with pytest.raises(LacunaError, match="lacuna assets"):
+    with pytest.raises(LacunaError, match="cannot load model config '.*missing'.*HF folder with config.json"):
         load_model(Config.model_validate({"model": {"name": str(tmp_path / "missing")}}))
 
 
