@@ -1,11 +1,7 @@
-"""Per-document causal attention for packed rows, registered in transformers under two names.
-
-`lacuna_varlen_sdpa` (any device): one causal `scaled_dot_product_attention` call per distinct document length.
-`lacuna_varlen_attn` (CUDA, bf16/fp16): PyTorch's own `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10), fed
-with the stored `cu_seqlens` / `max_seqlen`, so there is no host sync and compiled layers have no graph break.
-Either way attention cost follows document lengths, each document attends only to itself, and no
-[total, total] mask is ever built.
-"""
+"""Per-document causal attention for packed rows (no [total, total] mask), registered in transformers as
+`lacuna_varlen_sdpa` (any device: one causal SDPA call per distinct document length) and `lacuna_varlen_attn` (CUDA,
+bf16: torch's `varlen_attn`, torch >= 2.10, fed the stored boundaries: no host sync, no graph break; torch 2.15
+runs it on cuDNN where eligible, as on Hopper with cuDNN >= 9.18, else on its flash kernel)."""
 
 import importlib.util
 import inspect
@@ -33,7 +29,6 @@ def boundaries_from_positions(position_ids: Int[Tensor, "batch length"] | None, 
     return torch.cat([starts.cpu(), torch.tensor([flat.numel()])])
 
 
-@torch.compiler.disable  # data-dependent segment loop: compiled layers run it eagerly
 def varlen_attention(
     query: Float[Tensor, "total heads head_dim"],
     key: Float[Tensor, "total kv_heads head_dim"],
@@ -68,27 +63,35 @@ def torch_varlen_attention() -> Callable | None:
     return varlen_attn
 
 
-def causal_options(parameters: set[str]) -> tuple[dict[str, object], bool]:
-    """How the installed `varlen_attn` is asked for causal attention (2.10: `is_causal=True`; 2.11+:
-    `window_size=(-1, 0)`), and whether it takes grouped key/value heads itself (2.12+: `enable_gqa`)."""
+def causal_options(parameters: set[str]) -> dict[str, object]:
+    """Keywords that make `varlen_attn` causal (2.10: `is_causal`; 2.11+: `window_size=(-1, 0)`) and let 2.12+ take
+    grouped key/value heads (`enable_gqa`): its kernel takes them on every version (flash: num_heads % num_heads_k ==
+    0, gradients summed per group), so they are never repeated."""
     options: dict[str, object] = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
-    return options | ({"enable_gqa": True} if "enable_gqa" in parameters else {}), "enable_gqa" in parameters
+    return options | ({"enable_gqa": True} if "enable_gqa" in parameters else {})
 
 
-VARLEN_ATTN = torch_varlen_attention()
-# read once: inspect.signature inside a compiled region could break the graph
-VARLEN_OPTIONS = causal_options(set(inspect.signature(VARLEN_ATTN).parameters)) if VARLEN_ATTN else ({}, False)
+def bind_varlen(varlen_attn: Callable) -> Callable:
+    """Causal attention per segment through `varlen_attn`, whichever its signature (read once, not in compiled code);
+    torch 2.10's takes no `scale`: the query is scaled so that the kernel's 1/sqrt(head_dim) gives the one asked."""
+    parameters = set(inspect.signature(varlen_attn).parameters)
+    options, takes_scale = causal_options(parameters), "scale" in parameters
+
+    def attend(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_seqlen: int | None,
+               scale: float | None) -> Tensor:
+        if scale is not None and not takes_scale:
+            query = query * (scale * query.shape[-1] ** 0.5)
+        max_seqlen = max_seqlen or int(cu_seqlens.diff().max())  # a host sync, only without the stored max_seqlen
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options,
+                           **({"scale": scale} if takes_scale else {}))
+
+    return attend
 
 
-def torch_varlen(query: Float[Tensor, "total heads head_dim"], key: Float[Tensor, "total kv_heads head_dim"],
-                 value: Float[Tensor, "total kv_heads head_dim"], cu_seqlens: Int[Tensor, " segments_plus_one"],
-                 max_seqlen: int | None, scale: float | None) -> Float[Tensor, "total heads head_dim"]:
-    """Causal attention within each segment through torch's `varlen_attn`, on whichever signature torch has."""
-    varlen_attn, (options, grouped) = VARLEN_ATTN, VARLEN_OPTIONS
-    if not grouped and key.shape[1] != query.shape[1]:
-        key, value = (tensor.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for tensor in (key, value))
-    max_seqlen = max_seqlen or int(cu_seqlens.diff().max())  # a host sync, only without the stored max_seqlen
-    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **options)
+def packed_rows_mask(device: torch.device) -> Tensor:
+    """The `attention_mask` for packed rows: transformers hands a 4-D mask to the attention function as it is,
+    skipping its own detection of packed documents from position_ids (a host sync before every forward)."""
+    return torch.ones(0, 0, 0, 0, dtype=torch.bool, device=device)
 
 
 def packed_forward(
@@ -108,7 +111,7 @@ def packed_forward(
     """A transformers attention function: rows are flattened and split into documents by `cu_seq_lens_q` (or,
     without it, by position restarts) for `kernel`; padded or cached calls (generation) use transformers' sdpa."""
     batch, _, length, _ = query.shape
-    if attention_mask is not None or key.shape[2] != length:
+    if (attention_mask is not None and attention_mask.numel()) or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     window = kwargs.get("sliding_window")
@@ -122,9 +125,11 @@ def packed_forward(
     return output.unflatten(0, (batch, length)), None
 
 
-varlen_sdpa_forward = partial(packed_forward, lambda query, key, value, cu_seqlens, _, scale: varlen_attention(
-    query, key, value, cu_seqlens, scale))
-torch_varlen_forward = partial(packed_forward, torch_varlen)
+# data-dependent segment loop: compiled layers run all of it eagerly, so that no compiled frame sees its tensors
+varlen_sdpa_forward = torch.compiler.disable(partial(packed_forward, lambda query, key, value, cu_seqlens, _, scale:
+                                                     varlen_attention(query, key, value, cu_seqlens, scale)))
+VARLEN_ATTN = torch_varlen_attention()
+torch_varlen_forward = partial(packed_forward, bind_varlen(VARLEN_ATTN) if VARLEN_ATTN else None)
 
 
 def varlen_sdpa_mask(*args: object, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor | None:

@@ -30,12 +30,18 @@ class Batch:
     """int32 document boundaries over the flattened sequence (padding tails are their own segment)."""
     max_seqlen: int
     supervised_tokens: int
+    supervised_positions: Int[torch.Tensor, " supervised"] | None = None
+    """Where labels != -100, found on the host (by the GPU, it would be a sync); from `labels` when not given."""
+
+    def __post_init__(self) -> None:
+        if self.supervised_positions is None:
+            self.supervised_positions = torch.nonzero(self.labels[0] != -100).flatten()
 
     def to(self, device: torch.device) -> "Batch":
-        """This batch with its tensors on `device`."""
+        """This batch with its tensors on `device` (copies that overlap the GPU's work where the batch is pinned)."""
         move = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.cu_seqlens),
-                     self.max_seqlen, self.supervised_tokens)
+                     self.max_seqlen, self.supervised_tokens, move(self.supervised_positions))
 
 
 @dataclass
@@ -83,22 +89,31 @@ def position_ids(cu_seqlens: np.ndarray) -> np.ndarray:
     return np.arange(cu_seqlens[-1], dtype=np.int64) - starts
 
 
-def collate(rows: list[Any]) -> Batch:
-    """Flatten packed rows (shards.Row) into one sequence with row-offset document boundaries."""
+def _host_tensor(array: np.ndarray) -> torch.Tensor:
+    # pinned where there is a GPU: a non_blocking copy from there returns at once (from pageable memory it waits), so
+    # the next micro-batch's copy overlaps the compute queued before it
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+def collate(rows: list[Any], supervised: bool = True) -> Batch:
+    """Flatten packed rows (shards.Row) into one sequence with row-offset document boundaries; `supervised` False:
+    every label -100."""
     seq_len = len(rows[0].tokens)
     boundaries = [row.cu_seqlens[:-1].astype(np.int64) + index * seq_len for index, row in enumerate(rows)]
     cu_seqlens = np.concatenate([*boundaries, [len(rows) * seq_len]])
     row_tokens = [np.asarray(row.tokens, dtype=np.int64) for row in rows]
     tokens = np.concatenate(row_tokens)
-    masks = [np.asarray(row.loss_mask) for row in rows]
+    masks = [np.asarray(row.loss_mask) * supervised for row in rows]
     labels = np.concatenate([shifted_labels(each, mask) for each, mask in zip(row_tokens, masks, strict=True)])
     return Batch(
-        input_ids=torch.from_numpy(tokens)[None],
-        position_ids=torch.from_numpy(position_ids(cu_seqlens))[None],
-        labels=torch.from_numpy(labels)[None],
-        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
+        input_ids=_host_tensor(tokens)[None],
+        position_ids=_host_tensor(position_ids(cu_seqlens))[None],
+        labels=_host_tensor(labels)[None],
+        cu_seqlens=_host_tensor(cu_seqlens.astype(np.int32)),
         max_seqlen=max(int(row.max_seqlen) for row in rows),
-        supervised_tokens=sum(int(row.supervised) for row in rows),
+        supervised_tokens=sum(int(row.supervised) for row in rows) if supervised else 0,
+        supervised_positions=_host_tensor(np.flatnonzero(labels != -100)),
     )
 
 
@@ -138,10 +153,4 @@ def eval_batches(shards: Any, batch_size: int, rank: int, world_size: int, max_r
     rows = min(max_rows, shards.num_rows)
     for first in range(0, rows, batch_size * world_size):
         mine = range(first + rank * batch_size, min(first + (rank + 1) * batch_size, rows))
-        if len(mine):
-            yield collate([shards.row(index) for index in mine])
-        else:
-            batch = collate([shards.row(0)])
-            batch.labels.fill_(-100)
-            batch.supervised_tokens = 0
-            yield batch
+        yield collate([shards.row(index) for index in mine] or [shards.row(0)], supervised=bool(mine))

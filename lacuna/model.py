@@ -91,7 +91,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def apply_liger(model: nn.Module, config: Config, device: torch.device) -> None:
-    """Liger's RMSNorm, SwiGLU and RoPE kernels (CUDA only), and its fused linear cross-entropy for `loss_sum`."""
+    """Liger's fused linear cross-entropy for `loss_sum` and (not in compiled layers, where inductor fuses them itself
+    and liger's are a known risk, Liger-Kernel#174) its RMSNorm, SwiGLU and RoPE kernels; CUDA only."""
     if config.model.liger == "off":
         return
     if device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
@@ -102,7 +103,8 @@ def apply_liger(model: nn.Module, config: Config, device: torch.device) -> None:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+    eager = not config.model.compile
+    _apply_liger_kernel_to_instance(model=model, rope=eager, rms_norm=eager, swiglu=eager, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     # fp32 accumulation of the weight gradient, as ChunkedCrossEntropy does; the trainer divides the sum itself
     model.fused_loss = partial(liger_fused_linear_cross_entropy, ignore_index=-100, reduction="sum",
@@ -118,10 +120,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layers[index] = checkpoint_wrapper(layer)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Regional compile: each decoder layer compiled on its own (identical layers reuse the compiled code)."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Regional compile: each decoder layer compiled on its own (identical layers reuse the compiled code), once per
+    run: dynamic, as the number of documents and the longest one vary from batch to batch (and the rows in eval)."""
+    # without duck shapes: a size equal by chance to a fixed one (tokens = hidden size) would be fixed with it
+    torch.fx.experimental._config.use_duck_shape = False
     for layer in decoder_layers(model):
-        layer.compile()
+        layer.compile(backend=backend, dynamic=True)
 
 
 def apply_fsdp(model: nn.Module, config: Config, device: torch.device) -> None:
@@ -190,27 +195,29 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def loss_sum(model: nn.Module, batch: Batch) -> Tensor:
-    """fp32 scalar: sum of the token cross-entropies over supervised positions (labels != -100) of one packed batch."""
-    supervised = batch.labels != -100
-    targets = batch.labels[supervised]
+    """fp32 scalar: summed token cross-entropy over the supervised positions of one packed batch, with no host sync."""
+    positions = batch.supervised_positions
+    targets = batch.labels[0, positions]
     head = model.get_output_embeddings()
     transformed = any(hasattr(model.config, key) for key in LOGIT_TRANSFORMS)
     fused = isinstance(head, nn.Linear) and head.bias is None and not transformed
 
     def supervised_rows(output: Tensor) -> Tensor:  # a model that ignores logits_to_keep returns every position
         output = output.flatten(0, -2)
-        return output if output.shape[0] == targets.shape[0] else output[supervised.flatten()]
+        return output if output.shape[0] == targets.shape[0] else output[positions]
 
-    liger = getattr(model, "fused_loss", None)
+    # liger's kernel divides by zero on zero rows: ChunkedCrossEntropy returns their graph-connected zero instead
+    liger = getattr(model, "fused_loss", None) if targets.shape[0] else None
     if fused:  # the head returns the loss, computed inside the model's forward while FSDP holds its weight unsharded
         head.forward = lambda hidden: (liger(supervised_rows(hidden), head.weight, targets).float() if liger else
                                        ChunkedCrossEntropy.apply(supervised_rows(hidden), head.weight, targets,
                                                                  torch.is_grad_enabled()))
+    packed = model.config._attn_implementation in (attention.NAME, attention.TORCH_VARLEN_NAME)
     try:
         output = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
-            logits_to_keep=supervised[0],  # project only supervised positions onto the vocabulary (1-D: transformers
-            # before 5.24 index the hidden states with it as a 1-D mask only)
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+            attention_mask=attention.packed_rows_mask(batch.input_ids.device) if packed else None,
+            logits_to_keep=positions,  # project only supervised positions onto the vocabulary
             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
             max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
         ).logits

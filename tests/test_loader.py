@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lacuna.errors import LacunaError
-from lacuna.loader import DataPosition, Loader, collate, epoch_rows, eval_batches
+from lacuna.loader import Batch, DataPosition, Loader, collate, epoch_rows, eval_batches
 from lacuna.shards import Row
 
 
@@ -43,6 +43,10 @@ def test_collate_shifts_labels_restarts_positions_and_offsets_boundaries() -> No
     assert batch.cu_seqlens.tolist() == [0, 3, 7, 8, 11, 15, 16]
     assert batch.supervised_tokens == 3 and batch.max_seqlen == 4
     assert (batch.labels != -100).sum().item() == batch.supervised_tokens
+    # found on the host, so that the trainer selects them on the GPU without a sync; derived when not given
+    assert batch.supervised_positions.tolist() == [1, 4, 5]
+    fields = ("input_ids", "position_ids", "labels", "cu_seqlens", "max_seqlen", "supervised_tokens")
+    assert Batch(*(getattr(batch, name) for name in fields)).supervised_positions.tolist() == [1, 4, 5]
 
 
 def global_rows(loader: Loader) -> tuple[list[int], int]:
@@ -146,3 +150,4 @@ def test_eval_batches_cover_each_row_once_with_equal_counts_per_rank() -> None:
     assert first_rows == [[0, 1], [4], [2, 3], [0]]
     padding = per_rank[1][1]  # rank 1 has no row left in the second round: a masked stand-in
     assert padding.supervised_tokens == 0 and (padding.labels == -100).all()
+    assert padding.supervised_positions.numel() == 0
