@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA, TOKENIZER, materialize, write_jsonl
 
 from lacuna.errors import LacunaError
 from lacuna.files import check_writable, exclusive_lock, recover, replace_directory
+from lacuna.prepare import main
 from lacuna.shards import FORMAT, open_shards, write_shard
 
 HOLD = """import sys
@@ -109,16 +111,20 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+def write_tree(folder: Path, files: dict[str, bytes]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
 def test_faults_replace_directory_killed_at_every_rename_and_unlink_leaves_old_or_new(tmp_path: Path) -> None:
     old = {"manifest.json": b"old", "a.npy": b"1", "b.npy": b"22", "sub/c.npy": b"333"}
     new = {"manifest.json": b"new", "a.npy": b"4", "d.npy": b"5"}
     outcomes = []
     for number in range(1, 20):
-        for files, folder in ((old, tmp_path / "out"), (new, tmp_path / "out.partial")):
-            shutil.rmtree(folder, ignore_errors=True)
-            for name, data in files.items():
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_bytes(data)
+        write_tree(tmp_path / "out", old)
+        write_tree(tmp_path / "out.partial", new)
         killed = killed_at(number, ("rename", "unlink", "rmdir"), replace_directory, tmp_path / "out.partial",
                            tmp_path / "out")
         recover(tmp_path / "out")  # what the next lock holder or replace does first
@@ -129,6 +135,10 @@ def test_faults_replace_directory_killed_at_every_rename_and_unlink_leaves_old_o
         if not killed:
             break
     assert outcomes[0] is False and outcomes[-1] is True and len(outcomes) >= 6  # two renames, then the removal
+    shutil.rmtree(tmp_path / "out")
+    write_tree(tmp_path / "out.partial", new)
+    replace_directory(tmp_path / "out.partial", tmp_path / "out")  # nothing to replace
+    assert tree(tmp_path / "out") == new and [path.name for path in tmp_path.iterdir()] == ["out"]
 
 
 def as_unprivileged(function: Callable, *arguments: object) -> str:
@@ -209,3 +219,52 @@ def test_faults_truncated_and_missing_shard_files_are_named_in_one_line_at_open(
     tokens.unlink()
     with pytest.raises(LacunaError, match=rf"^shard file '{tokens}' is missing: prepare the folder again$"):
         open_shards(folder)
+
+
+def prepare_killed_at(number: int, arguments: list[str], root: Path) -> None:
+    """Run prepare, SIGKILLed at its `number`-th rename of a file or folder under `root` (each is a commit point)."""
+    calls = [0]
+
+    def patched(real: Callable) -> Callable:
+        def call(source: object, *arguments: object, **keywords: object) -> object:
+            if str(source).startswith(str(root)):
+                calls[0] += 1
+                if calls[0] == number:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(source, *arguments, **keywords)
+        return call
+
+    os.rename, os.replace = patched(os.rename), patched(os.replace)
+    main(arguments)
+
+
+def test_faults_prepare_overwrite_killed_at_each_write_phase_then_rerun_ends_complete(tmp_path: Path) -> None:
+    """Killed after its part, its shards, the merge's manifest, or between the swap's renames: OUT holds the old
+    folder or the new one (the swap recovered by the next writer), and a rerun writes the new one, byte for byte."""
+    materialize(DATA)
+    write_jsonl(tmp_path / "code.jsonl", [{"text": f"def f{index}(x):\n    return x * {index}\n" * (index % 7 + 1)}
+                                          for index in range(40)])
+    out = tmp_path / "out"
+    common = ["pretrain", "--dataset", str(tmp_path / "code.jsonl"), "--tokenizer", str(TOKENIZER), "--quiet",
+              "--rows-per-shard", "2", "--out", str(out), "--overwrite"]
+    main([*common, "--seq-len", "128"])
+    new, old = tree(out), {"manifest.json": b"{}", "train-00000-00000.tokens.npy": b"old"}  # (any folder)
+    phases = []
+    for number in range(1, 10):
+        write_tree(out, old)
+        child = multiprocessing.get_context("fork").Process(target=prepare_killed_at,
+                                                            args=(number, [*common, "--seq-len", "128"], tmp_path))
+        child.start()
+        child.join(timeout=300)
+        if child.exitcode == 0:
+            break
+        assert child.exitcode == -signal.SIGKILL
+        phases.append(sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("out")))
+        recover(out)
+        assert tree(out) in (old, new), number
+        main([*common, "--seq-len", "128"])
+        assert tree(out) == new, number
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["code.jsonl", "out"]
+    # killed before: the part's marker, the shards' marker, the parts' removal, the manifest, the old folder's
+    # rename aside and the new one's rename in (the old one restored by the next writer)
+    assert phases == [["out", "out.partial"]] * 5 + [["out.lacuna-replaced", "out.partial"]], phases
