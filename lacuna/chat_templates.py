@@ -4,7 +4,7 @@ import re
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jinja2 import Template, TemplateSyntaxError, nodes
 from jinja2.ext import Extension, loopcontrols
@@ -20,21 +20,39 @@ FAMILY_TEMPLATES = {("<start_of_turn>",): "gemma3.jinja", ("[INST]",): "mistral.
                     ("<|im_start|>",): "chatml.jinja"}
 
 
-def load_template(path: str | Path | None, tokenizer: Any) -> str:
-    """Return the template at `path`, else the packaged template matching the tokenizer's chat family."""
+class ChatTemplate(NamedTuple):
+    """A chat template's source, where it comes from, and why it was chosen (printed by prepare, in the manifest)."""
+
+    source: str
+    name: str
+    reason: str
+
+
+def choose_template(path: str | Path | None, tokenizer: Any) -> ChatTemplate:
+    """The template at `path`; else the tokenizer's own if it has {% generation %} tags (a model saved by TRL or by
+    lacuna); else the packaged template of the tokenizer's chat family."""
     if path is not None:
         try:
-            return Path(path).read_text(encoding="utf-8")
+            return ChatTemplate(Path(path).read_text(encoding="utf-8"), str(path), "given by --chat-template")
         except OSError as error:
             raise LacunaError(f"cannot read chat template {path} ({error.strerror}): check --chat-template") from None
-    vocabulary = tokenizer.get_vocab()
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and has_generation_tags(own):
+        return ChatTemplate(own, "the tokenizer's own", "it has {% generation %} tags")
+    vocabulary, why = tokenizer.get_vocab(), "no chat template" if own is None else "no {% generation %} tags"
     for markers, name in FAMILY_TEMPLATES.items():
         if all(marker in vocabulary for marker in markers):
-            return files("lacuna").joinpath("templates", name).read_text(encoding="utf-8")
-    raise LacunaError(
-        "tokenizer is none of ChatML, Qwen3, Llama-3, Gemma 3 or Mistral; pass --chat-template PATH with a template "
-        "that wraps assistant replies in {% generation %}...{% endgeneration %} tags"
-    )
+            return ChatTemplate(files("lacuna").joinpath("templates", name).read_text(encoding="utf-8"),
+                                f"lacuna/templates/{name}", f"the tokenizer has {why} of its own and holds "
+                                f"{' and '.join(markers)}")
+    raise LacunaError(f"the tokenizer has {why} of its own and is none of ChatML, Qwen3, Llama-3, Gemma 3 or Mistral: "
+                      "pass --chat-template PATH with a template that wraps assistant replies in {% generation %}"
+                      "...{% endgeneration %} tags")
+
+
+def load_template(path: str | Path | None, tokenizer: Any) -> str:
+    """The source of `choose_template(path, tokenizer)`."""
+    return choose_template(path, tokenizer).source
 
 
 def has_generation_tags(template: str) -> bool:
@@ -147,3 +165,20 @@ def split_spans(marked: str) -> tuple[str, list[tuple[int, int, int]]]:
         length += len(inside) + len(after)
         marked_length += len(piece) + 1
     return "".join(text), spans
+
+
+def end_of_turn_tokens(renderer: Renderer, special: list[str]) -> set[str]:
+    """The special tokens that end an assistant turn: those that first follow the replies of a two-turn probe
+    conversation (gpt-oss ends a last reply with another token than an earlier one); empty if the probe fails."""
+    reply = "lacuna probe reply"
+    try:
+        text = split_spans(renderer.render([{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": reply}] * 2))[0]
+    except (RenderError, LacunaError):
+        return set()
+    found = set()
+    for piece in text.split(reply)[1:]:
+        positions = {token: piece.find(token) for token in special if token in piece}
+        if positions:  # the first to follow; of tokens found at the same place, the longest
+            found.add(min(positions, key=lambda token: (positions[token], -len(token))))
+    return found

@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lacuna.chat_templates import SPAN_END, SPAN_START, Renderer, RenderError, split_spans
+from lacuna.chat_templates import SPAN_END, SPAN_START, Renderer, RenderError, end_of_turn_tokens, split_spans
 from lacuna.errors import LacunaError
+from lacuna.sources import RecordBatch
 
 ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
          "human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}  # + ShareGPT
@@ -108,8 +109,16 @@ def chat_message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
     return converted, train and weight == 1
 
 
-def read_record(record: Any, field: str, where: str) -> tuple[dict[str, Any], Any]:
-    """A record (a JSON line, or a dict of the dataset's columns) and its `field` (ShareGPT: conversations)."""
+class Completion(NamedTuple):
+    """A standard (plain-text) prompt–completion record, as TRL trains it: the completion supervised, EOS appended."""
+
+    prompt: str
+    completion: str
+
+
+def read_record(record: Any, field: str, where: str, sft: bool = False) -> tuple[dict[str, Any], Any]:
+    """A record (a JSON line, or a dict of the dataset's columns) and its `field` (ShareGPT: conversations; None for
+    a prompt–completion record in `sft`)."""
     if isinstance(record, str):
         try:
             record = json.loads(record)
@@ -119,23 +128,36 @@ def read_record(record: Any, field: str, where: str) -> tuple[dict[str, Any], An
         raise LacunaError(f"{where}: expected a JSON object, got {type(record).__name__}: fix the record")
     if field == "messages" and field not in record and "conversations" in record:
         field = "conversations"
-    if field not in record:
-        raise LacunaError(f"{where} has no field '{field}' (fields: {', '.join(record)}): pass --text-field NAME "
-                          "(pretrain) or --messages-field NAME (sft)")
-    return record, record[field]
+    if field not in record and not (sft and "prompt" in record and "completion" in record):
+        shapes = f"neither '{field}' nor 'prompt' and 'completion'" if sft else f"no field '{field}'"
+        raise LacunaError(f"{where} has {shapes} (fields: {', '.join(record)}): pass --text-field NAME (pretrain) or "
+                          "--messages-field NAME (sft)")
+    return record, record.get(field)
 
 
-def conversation(record: Any, messages_field: str, assistant_turns: str, where: str) -> Conversation:
-    """A record as a Conversation, with one-line errors."""
-    record, messages = read_record(record, messages_field, where)
+def conversation(record: Any, messages_field: str, assistant_turns: str, where: str) -> Conversation | Completion:
+    """A record as a Conversation (a prompt–completion one: the prompt's replies are context), or a Completion."""
+    record, messages = read_record(record, messages_field, where, sft=True)
+    context = 0  # messages before the completion
+    if messages is None:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return Completion(prompt, completion)
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise LacunaError(f"{where}: prompt and completion must both be text or both lists of messages (got "
+                              f"{type(prompt).__name__} and {type(completion).__name__}): fix the record")
+        messages, context = prompt + completion, len(prompt)
     if not isinstance(messages, list) or not messages:
-        raise LacunaError(f"{where}: expected a list of messages, got {type(messages).__name__}: fix the record")
+        raise LacunaError(f"{where}: expected a list of messages, got "
+                          f"{'an empty list' if messages == [] else type(messages).__name__}: fix the record")
     converted, trained = zip(*(chat_message(message, where) for message in messages), strict=True)
     assistants = [index for index, message in enumerate(converted) if message["role"] == "assistant"]
-    if not assistants:
-        raise LacunaError(f"{where}: conversation has no assistant turn, so nothing to learn: remove it")
-    excluded = {index for index in assistants if not trained[index]}
-    by_last = set(assistants[:-1]) - excluded if assistant_turns == "last" else set()
+    if not assistants or assistants[-1] < context:
+        raise LacunaError(f"{where}: {'completion' if context else 'conversation'} has no assistant turn, so nothing "
+                          "to learn: remove it")
+    in_prompt = {index for index in assistants if index < context}
+    excluded = {index for index in assistants if not trained[index]} - in_prompt
+    by_last = set(assistants[:-1]) - excluded - in_prompt if assistant_turns == "last" else set()
     tools = record.get("tools")
     if isinstance(tools, str):  # not JSON: left a string, so the error below
         tools = parsed(tools, tools) if tools.strip() else None
@@ -148,7 +170,7 @@ def conversation(record: Any, messages_field: str, assistant_turns: str, where: 
     counts = (bool(tools) or any("tool_calls" in m or m["role"] == "tool" for m in converted),
               any("reasoning_content" in message for message in converted), len(assistants) > 1, len(excluded),
               len(by_last))
-    return Conversation(list(converted), tools, variables, excluded | by_last, counts)
+    return Conversation(list(converted), tools, variables, excluded | by_last | in_prompt, counts)
 
 
 def trained_spans(renderer: Renderer, chat: Conversation, marked: str, blocks: list[tuple[int, int, int]]
@@ -178,7 +200,6 @@ class Encoder:
     seq_len: int
     overlong: str
     dtype: np.dtype
-    specs: list[str]
     field: str = "messages"
     assistant_turns: str = "all"
     template_name: str = "(default)"
@@ -217,23 +238,21 @@ class Encoder:
                  for number, record in numbered]
         texts, marked_texts, bases, bounds, excluded = [], [], [0], [], []
         for (number, _), chat in zip(numbered, chats, strict=True):
-            try:
-                marked = self.renderer.render(chat.messages, chat.tools, chat.variables)
-                text, blocks = split_spans(marked)
-                found = trained_spans(self.renderer, chat, marked, blocks) if chat.excluded else [
-                    (start, end) for _, start, end in blocks]
-            except RenderError as error:
-                raise LacunaError(f"{where.format(number)}: {error}") from None
+            text, marked, found = self.spans(chat, where.format(number))
             # every text and its spans laid on one line of characters, so one search finds each token's span
             bounds += [(bases[-1] + start, bases[-1] + end) for start, end in found]
             texts.append(text), marked_texts.append(marked), bases.append(bases[-1] + len(text))
             excluded.append(not found and bool(chat.excluded))
-        tallies = np.array([chat.counts for chat in chats], np.int64).reshape(-1, len(KINDS)).sum(axis=0)
-        counts = Counter(dict(zip(KINDS, tallies.tolist(), strict=True)))
+        tallies = np.array([chat.counts for chat in chats if isinstance(chat, Conversation)], np.int64)
+        counts = Counter(dict(zip(KINDS, tallies.reshape(-1, len(KINDS)).sum(axis=0).tolist(), strict=True)))
         if check:
             counts["prefix_checked"], counts["not_prefix_preserving"] = self.check_template(chats, marked_texts,
                                                                                             numbered)
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        plain = [isinstance(chat, Completion) for chat in chats]  # tokenized as TRL does: with special tokens
+        encoded = {flag: iter(self.tokenizer.backend_tokenizer.encode_batch(
+            [text for text, kind in zip(texts, plain, strict=True) if kind == flag], add_special_tokens=flag))
+            for flag in set(plain)}
+        encodings = [next(encoded[flag]) for flag in plain]
         lengths = np.array([len(encoding.ids) for encoding in encodings], np.int64)
         tokens = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), self.dtype,
                              count=int(lengths.sum()))
@@ -247,19 +266,37 @@ class Encoder:
         masks[inside] = offsets[inside, 1] > spans[span[inside], 0]
         return tokens, masks, lengths, np.array(excluded, bool), counts
 
+    def spans(self, chat: Conversation | Completion, where: str) -> tuple[str, str | None, list[tuple[int, int]]]:
+        """A record's text, its marked text (None for a Completion) and the character spans trained on."""
+        if isinstance(chat, Completion):  # TRL appends the EOS (unless there) and trains on it
+            eos = self.tokenizer.eos_token
+            text = chat.prompt + chat.completion + ("" if chat.completion.endswith(eos) else eos)
+            return text, None, [(len(chat.prompt), len(text))]
+        try:
+            marked = self.renderer.render(chat.messages, chat.tools, chat.variables)
+            text, blocks = split_spans(marked)
+            return text, marked, trained_spans(self.renderer, chat, marked, blocks) if chat.excluded else [
+                (start, end) for _, start, end in blocks]
+        except RenderError as error:
+            raise LacunaError(f"{where}: {error}") from None
+
     def check_template(self, chats: list[Conversation], marked_texts: list[str], numbered: list) -> tuple[int, int]:
         """The template checks on the first CHECKED_RECORDS records (whatever the batches or processes): an
         end-of-turn token left after a generation block is an error (the model would never learn to stop); returns
         (multi-turn conversations checked, those whose earlier turns render differently once later turns follow)."""
         special = [token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special]
+        end_tokens = end_of_turn_tokens(self.renderer, special) or {self.tokenizer.eos_token}
         checked, differing = 0, 0
         for (number, _), chat, marked in zip(numbered, chats, marked_texts, strict=True):
             if number > CHECKED_RECORDS:
                 break
+            if marked is None:  # plain text: no template
+                continue
             for piece in marked.split(SPAN_START)[1:]:
                 inside, _, after = piece.partition(SPAN_END)
-                left = next((token for token in special if after.startswith(token)), None)
-                if left and not any(inside.endswith(token) for token in special):
+                inside, after = inside.rstrip(), after.lstrip()  # TRL's templates end the block with "<|im_end|>\n"
+                if left := next((token for token in end_tokens if after.startswith(token)
+                                 and not inside.endswith(token)), None):
                     raise LacunaError(f"chat template {self.template_name} leaves the end-of-turn token {left} after "
                                       "an assistant reply outside its {% generation %} block, so the model would "
                                       f"never learn to stop: move {left} inside the block")
@@ -269,15 +306,14 @@ class Encoder:
                                                                         chat.variables)) for end in ends)
         return checked, differing
 
-    def __call__(self, batch: tuple[int, int, list]) -> EncodedBatch:
-        source_index, first, records = batch
-        where = f"dataset '{self.specs[source_index]}' record #{{}}"
-        numbered = [(first + index + 1, record) for index, record in enumerate(records)
+    def __call__(self, batch: RecordBatch) -> EncodedBatch:
+        where = f"{batch.origin} record #{{}}"
+        numbered = [(batch.first + index + 1, record) for index, record in enumerate(batch.records)
                     if not (isinstance(record, str) and not record.strip())]  # blank JSON lines hold no record
         if self.mode == "pretrain":
             return EncodedBatch(*self.finish(*self.pretrain_documents(numbered, where)), Counter())
-        tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, source_index == 0
-                                                                      and first < CHECKED_RECORDS)
+        checked = batch.source == 0 and batch.file == 0 and batch.first < CHECKED_RECORDS  # whatever the processes
+        tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, checked)
         return EncodedBatch(*self.finish(tokens, masks, lengths, excluded), counts)
 
     def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from lacuna.chat_templates import check_template, load_template
+from lacuna.chat_templates import ChatTemplate, check_template, choose_template
 from lacuna.config import Config, PrepareConfig, load_config
 from lacuna.encoding import EncodedBatch, Encoder
 from lacuna.errors import LacunaError, run_main
 from lacuna.shards import FORMAT, token_dtype, tokenizer_hash, write_atomically
-from lacuna.sources import Source, load_source, parse_source, record_batches
+from lacuna.sources import RecordBatch, Source, load_source, parse_source, record_batches
 from lacuna.writing import finished, merge
 
 RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards", "streaming"}
@@ -36,7 +36,7 @@ RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards"
 ENCODER: Encoder | None = None  # set before forking --num-proc workers, which inherit it
 
 
-def encode_in_worker(batch: tuple[int, int, list]) -> EncodedBatch:
+def encode_in_worker(batch: RecordBatch) -> EncodedBatch:
     assert ENCODER is not None
     return ENCODER(batch)
 
@@ -149,15 +149,29 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def chat_template(settings: PrepareConfig, tokenizer: Any) -> str | None:
+def chat_template(settings: PrepareConfig, tokenizer: Any, shown: bool) -> ChatTemplate | None:
+    """The SFT chat template (`choose_template`), checked; `shown`: print which one and why."""
     if settings.mode == "pretrain":
         return None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which SFT "
                           "masks need: pass a --tokenizer folder that has a tokenizer.json")
-    template = load_template(settings.chat_template, tokenizer)
-    check_template(template, str(settings.chat_template or "(default)"))
-    return template
+    chosen = choose_template(settings.chat_template, tokenizer)
+    check_template(chosen.source, chosen.name)
+    if shown:
+        print(f"chat template: {chosen.name} ({chosen.reason})", flush=True)
+    return chosen
+
+
+def manifest_header(config: Config, tokenizer: Any, chosen: ChatTemplate | None, dtype: np.dtype) -> dict[str, Any]:
+    """The manifest's fields besides shards and stats: format, shapes, tokenizer, chat template, settings."""
+    settings = config.prepare
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    described = {"name": settings.tokenizer, "vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
+    return {**FORMAT, "seq_len": settings.seq_len, "token_dtype": dtype.name, "mode": settings.mode, "pad_id": pad_id,
+            "tokenizer": described, "chat_template": f"{chosen.name} ({chosen.reason})" if chosen else None,
+            "chat_template_hash": hashlib.sha256(chosen.source.encode()).hexdigest() if chosen else None,
+            "config": recorded_settings(config)}
 
 
 def histogram_lines(histogram: dict[str, list[int]], width: int = 40) -> list[str]:
@@ -235,15 +249,10 @@ def prepare(config: Config) -> dict[str, Any] | None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
     tokenizer = load_tokenizer(settings.tokenizer, config.model.trust_remote_code)
-    template = chat_template(settings, tokenizer)
+    chosen = chat_template(settings, tokenizer, shown=not settings.quiet and rank == 0)
     dtype = token_dtype(len(tokenizer))
     sources = [load_source(source, settings) for source in sources]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    described = {"name": settings.tokenizer, "vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
-    header = {**FORMAT, "seq_len": settings.seq_len, "token_dtype": dtype.name, "mode": settings.mode, "pad_id": pad_id,
-              "tokenizer": described,
-              "chat_template_hash": hashlib.sha256(template.encode()).hexdigest() if template else None,
-              "config": recorded_settings(config)}
+    header = manifest_header(config, tokenizer, chosen, dtype)
     inputs = [getattr(source.dataset, "_fingerprint", source.spec) for source in sources]
     fingerprint = hashlib.sha256(json.dumps([header, inputs, world]).encode()).hexdigest()
     partial = out.with_name(out.name + ".partial")
@@ -251,9 +260,8 @@ def prepare(config: Config) -> dict[str, Any] | None:
         shutil.rmtree(partial, ignore_errors=True)
     (partial / "parts").mkdir(parents=True, exist_ok=True)
     field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
-    encoder = Encoder(settings.mode, tokenizer, template, settings.seq_len, settings.overlong, dtype,
-                      [source.spec for source in sources], field, settings.assistant_turns,
-                      str(settings.chat_template or "(default)"))
+    encoder = Encoder(settings.mode, tokenizer, chosen and chosen.source, settings.seq_len, settings.overlong, dtype,
+                      field, settings.assistant_turns, chosen.name if chosen else "")
     markers = [partial / "parts" / f"part-{index:05d}.json" for index in range(world)]
     try:
         if not finished(markers[rank], fingerprint):  # a finished part (same inputs) is kept: another may be merging it

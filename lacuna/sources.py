@@ -5,7 +5,7 @@ import glob
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lacuna.config import PrepareConfig
 from lacuna.errors import LacunaError
@@ -22,6 +22,16 @@ class Source:
     dataset: Any = None
     lines: bool = False  # JSON Lines: records are the lines, parsed one by one (lacuna/encoding.py)
 
+
+class RecordBatch(NamedTuple):
+    """Records of one file of a source (file 0: a whole table) from record number `first` + 1, named in errors as
+    `origin` record #N: numbered per file when a stream's files are shared out, so whatever the process count."""
+
+    source: int
+    file: int
+    first: int
+    records: list
+    origin: str
 
 
 def parse_source(text: str) -> Source:
@@ -82,33 +92,37 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
     columns = source.dataset.column_names  # None for some streamed Hub datasets: records hold every column
     if columns is not None and not source.lines:  # the record's field, and a conversation's own template inputs
         field = settings.text_field if settings.mode == "pretrain" else settings.messages_field
-        wanted = [name for name in columns if name in (field, "conversations", "tools", "chat_template_kwargs")]
+        wanted = [name for name in columns if name in (field, "conversations", "prompt", "completion", "tools",
+                                                       "chat_template_kwargs")]
         source.dataset = source.dataset.select_columns(wanted or columns)
     return source
 
 
 def record_batches(source: Source, source_index: int, rank: int, world: int, workers: int, runs: list[list[int]]
-                   ) -> Iterator[tuple[int, int, list]]:
-    """Batches (source index, number of the first record, records) of this process's share, several per worker;
-    `runs` gets [source index, file, records] per file read (a table's contiguous slice counts as file 0)."""
+                   ) -> Iterator[RecordBatch]:
+    """This process's share of a source in batches, several per worker; `runs` gets [source index, file, records]
+    per file read (a table's contiguous slice counts as file 0)."""
     from datasets.distributed import split_dataset_by_node
 
-    size, first = BATCH_SIZE, 0
+    size, first, several_files = BATCH_SIZE, 0, False
     if hasattr(source.dataset, "__len__"):
         pieces = [(0, split_dataset_by_node(source.dataset, rank=rank, world_size=world))]
         first = rank * (len(source.dataset) // world) + min(rank, len(source.dataset) % world)
         size = max(1, min(BATCH_SIZE, len(pieces[0][1]) // (4 * workers))) if workers > 1 else size
     else:  # a stream: whole files, file f to process f mod W, each read on its own so its records' file is known
-        count = source.dataset.num_shards
+        count, several_files = source.dataset.num_shards, source.dataset.num_shards > 1
         pieces = [(file, source.dataset.shard(num_shards=count, index=file)) for file in range(rank, count, world)]
     try:
         for file, dataset in pieces:
             runs.append([source_index, file, 0])
+            origin = f"dataset '{source.spec}'"
+            if several_files:
+                first, origin = 0, f"{origin} file {source.files[file] if source.files else f'#{file}'}"
             for batch in dataset.iter(batch_size=size):
                 records = batch["text"] if source.lines else [dict(zip(batch, values, strict=True))
                                                               for values in zip(*batch.values(), strict=True)]
                 runs[-1][2] += len(records)
-                yield source_index, first, records
+                yield RecordBatch(source_index, file, first, records, origin)
                 first += len(records)
     except Exception as error:
         raise read_error(source, error) from None

@@ -96,7 +96,7 @@ def test_sft_tokens_and_masks_equal_transformers_apply_chat_template(tokenizer, 
     records += [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
                 for reply in (" Hello", "  Two spaces", "\nNewline", "\t tab")]
     conversations = [record["messages"] for record in records]
-    encoder = Encoder("sft", tokenizer, template, 4096, "drop", np.dtype(np.uint16), ["chat"])
+    encoder = Encoder("sft", tokenizer, template, 4096, "drop", np.dtype(np.uint16))
     tokens, masks, lengths, excluded, counts = encoder.sft_documents(list(enumerate(records, 1)), "record #{}")
     expected = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=True, return_dict=True,
                                              return_assistant_tokens_mask=True)
@@ -116,7 +116,7 @@ def test_document_status_kept_truncated_dropped_empty() -> None:
     tokens = np.arange(lengths.sum(), dtype=np.uint16)
     for overlong, status, kept in (("truncate", [KEPT, EMPTY, EMPTY, EMPTY, TRUNCATED], [3, 0, 0, 0, 4]),
                                    ("drop", [KEPT, EMPTY, DROPPED, EMPTY, DROPPED], [3, 0, 0, 0, 0])):
-        encoder = Encoder("sft", None, None, 4, overlong, np.dtype(np.uint16), ["chat"])
+        encoder = Encoder("sft", None, None, 4, overlong, np.dtype(np.uint16))
         flat = np.array([bit for mask in masks for bit in mask], np.uint8)
         kept_tokens, kept_masks, kept_lengths, states = encoder.finish(tokens.copy(), flat, lengths)
         assert states.tolist() == status and kept_lengths.tolist() == kept
@@ -282,7 +282,8 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
     cases = [
         (["sft", "--dataset", "missing.jsonl"], "dataset 'missing.jsonl' not found"),
         (["pretrain", "--dataset", str(good)], "has no field 'text'.*--text-field"),
-        (["sft", "--dataset", str(good), "--messages-field", "chat"], "has no field 'chat'.*--messages-field"),
+        (["sft", "--dataset", str(good), "--messages-field", "chat"],
+         "has neither 'chat' nor 'prompt' and 'completion'.*--messages-field"),
         (["sft", "--dataset", str(malformed)], "malformed.jsonl' record #3: malformed JSON"),
         (["sft", "--dataset", str(good), "--chat-template", str(untagged)], "no {% generation %} tags"),
         (["sft", "--dataset", str(good), "--tokenizer", "no-such-org/no-such-tokenizer"], "cannot load tokenizer"),

@@ -3,13 +3,18 @@
 every packaged template with a real tokenizer of its family (SmolLM2's, given that family's special tokens)."""
 
 import copy
+import importlib.util
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import DATA, materialize, segments, write_jsonl
 
+from lacuna.chat_templates import check_template
+from lacuna.encoding import Encoder
 from lacuna.errors import LacunaError
 from lacuna.prepare import main
 
@@ -304,6 +309,11 @@ BAD_RECORDS = {
     "train not a flag": ({"messages": [USER, {**REPLY, "train": "no"}]}, "a message.s train must be true or false"),
     "template variables": ({"chat_template_kwargs": "thinking", "messages": [USER, REPLY]},
                            "chat_template_kwargs must be an object"),
+    "messages empty": ({"messages": []}, "expected a list of messages, got an empty list"),
+    "prompt text, completion messages": ({"prompt": "Hi", "completion": [REPLY]},
+                                         "prompt and completion must both be text or both lists of messages"),
+    "completion without a reply": ({"prompt": [USER, REPLY], "completion": [USER]},
+                                   "completion has no assistant turn, so nothing to learn"),
 }
 
 
@@ -325,3 +335,74 @@ def test_parallel_calls_on_llama3_and_every_turn_excluded_are_errors(tmp_path: P
     with pytest.raises(LacunaError, match="no documents left .*every assistant turn left out"):
         prepare(tmp_path / "out", dataset, tokenizers["chatml"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+# ----------------------------------------------------------------------------- TRL's training templates
+
+TRL_TEMPLATES = Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"  # trl: a pinned dev dependency
+TRL_TRAINING = sorted(path.name for path in TRL_TEMPLATES.glob("*_training.jinja"))
+# The special tokens the templates write: <|im_end|>, <|eot_id|>, <end_of_turn>, <｜end▁of▁sentence｜>, [INST], ...
+SPECIAL_TOKEN = re.compile(r"<\|[^<>|' ]{1,40}\|>|<｜[^<>' ]{1,40}｜>|<[a-z_]+_of_turn>|\[/?[A-Z_]{3,}\]|<\|[a-z_]+>|"
+                           r"<[a-z_]+\|>|<end_of_utterance>")
+
+
+@pytest.fixture(scope="module")
+def trl_tokenizer():
+    """SmolLM2's vocabulary plus, as special tokens, every special token a TRL training template writes."""
+    materialize(DATA)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    tokenizer.add_tokens(sorted({token for name in TRL_TRAINING for token in SPECIAL_TOKEN.findall(
+        (TRL_TEMPLATES / name).read_text())}), special_tokens=True)
+    return tokenizer
+
+
+def test_trl_ships_the_training_templates_tested() -> None:
+    assert len(TRL_TRAINING) == 31 and {"qwen3_training.jinja", "lfm2_training.jinja", "qwen2_5_training.jinja",
+                                        "nemotron_3_nano_training.jinja", "llama3_training.jinja"} <= set(TRL_TRAINING)
+
+
+@pytest.mark.parametrize("name", TRL_TRAINING)
+def test_trl_training_templates_are_accepted_and_equal_transformers(trl_tokenizer, name: str) -> None:
+    """Every record transformers renders with the template gives its tokens and masks; every record it cannot
+    render is lacuna's one-line error naming the record; the template checks (end of turn included) pass."""
+    template = (TRL_TEMPLATES / name).read_text()
+    check_template(template, name)
+    encoder = Encoder("sft", trl_tokenizer, template, 10**6, "drop", np.dtype(np.int32), template_name=name)
+    rendered = []
+    for number, record in enumerate(tool_records(), 1):
+        try:
+            expected = reference(trl_tokenizer, template, record)
+        except IndexError:  # no history is a prefix of the whole (phi3 ends a conversation with EOS)
+            with pytest.raises(LacunaError, match=rf"^record #{number}: the chat template renders earlier turns"):
+                encoder.sft_documents([(number, record)], "record #{}")
+            continue
+        except Exception:  # the template raises (roles it refuses, arguments as JSON text, ...)
+            with pytest.raises(LacunaError, match=rf"^record #{number}: the chat template fails on it"):
+                encoder.sft_documents([(number, record)], "record #{}")
+            continue
+        tokens, masks, *_ = encoder.sft_documents([(number, record)], "record #{}")
+        assert (tokens.tolist(), masks.tolist()) == expected, number
+        rendered.append((number, record))
+    if name != "llava_next_training.jinja":  # a vision template: it reads content as a list of parts only
+        assert len(rendered) >= 40
+    encoder.sft_documents(rendered, "record #{}", check=True)  # the end-of-turn and prefix checks accept it
+
+
+@pytest.mark.parametrize(("name", "inside", "outside", "token"), [
+    ("qwen3_training.jinja", "{{- '<|im_end|>\\n' }}\n        {%- endgeneration %}",
+     "{%- endgeneration %}{{- '<|im_end|>\\n' }}", "<|im_end|>"),
+    ("llama3_training.jinja", "{{- message['content'] | trim + '<|eot_id|>' }}\n        {%- endgeneration %}",
+     "{{- message['content'] | trim }}{%- endgeneration %}{{- '<|eot_id|>' }}", "<|eot_id|>")])
+def test_end_of_turn_token_left_outside_a_trl_block_is_named(trl_tokenizer, name: str, inside: str, outside: str,
+                                                             token: str) -> None:
+    template = (TRL_TEMPLATES / name).read_text()
+    outside = template.replace(inside, outside)
+    assert outside != template
+    encoder = Encoder("sft", trl_tokenizer, outside, 10**6, "drop", np.dtype(np.int32), template_name=name)
+    records = [(1, {"messages": [USER, REPLY, USER, REPLY]})]
+    with pytest.raises(LacunaError, match=rf"{name} leaves the end-of-turn token {re.escape(token)} after an "
+                                          rf"assistant reply outside its"):
+        encoder.sft_documents(records, "record #{}", check=True)
+    Encoder("sft", trl_tokenizer, template, 10**6, "drop", np.dtype(np.int32)).sft_documents(records, "#{}", check=True)
