@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from types import ModuleType
@@ -185,9 +186,38 @@ def segments(directory: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]
     return found
 
 
+def spawn_ranks(processes: int, worker: Callable[..., None], *arguments: object) -> None:
+    """`worker(rank, *arguments)` on `processes` spawned ranks of one gloo group; this process hosts its TCPStore,
+    so the store outlives every rank (as torchrun's agent does). Every multi-process test starts its processes here
+    or in `torchrun`."""
+    import torch.distributed as dist
+    import torch.multiprocessing
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    torch.multiprocessing.spawn(_rank, args=(processes, store.port, worker, arguments), nprocs=processes)
+
+
+def _rank(rank: int, processes: int, port: int, worker: Callable[..., None], arguments: tuple) -> None:
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=processes)
+    worker(rank, *arguments)
+    # FSDP state in reference cycles keeps the process group alive past destroy_process_group: it would then be torn
+    # down at interpreter exit, where gloo's threads can abort the process ("terminate called without an active
+    # exception", pytorch#190489). Collected now, the group is destroyed here, once no rank communicates any more.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def torchrun(processes: int, module: str, arguments: list[str], timeout: float = 400) -> str:
     """`python -m module arguments` on `processes` ranks of one machine under real torchrun; returns the output and
-    fails the test with its end unless every rank exits 0. Every multi-process test starts its processes here."""
+    fails the test with its end unless every rank exits 0."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "--monitor-interval", "0.2", "-m", module, *arguments]
     result = subprocess.run(command, cwd=REPOSITORY, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing
 from conftest import (
-    free_port,
     make_model_folder,
     packed_batch,
     prepare_data,
     read_metrics,
     save_folder,
+    spawn_ranks,
     torchrun,
     train_arguments,
 )
@@ -34,39 +32,34 @@ def gradients_and_norm(model: torch.nn.Module, batch: object) -> tuple[dict[str,
     return gradients, norm
 
 
-def mesh_worker(rank: int, port: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        batches = [packed_batch(seed=seed)[0] for seed in range(1, WORLD + 1)]
-        reference = load_model(Config.model_validate({"model": {"name": folder, "dtype": "float32"}}))
-        for batch in batches:  # one process over all four batches: the gradient of the whole global batch
-            loss_sum(reference, batch).backward()
-        expected_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
-        results = {}
-        for replicate in (1, 2):  # 1 × 4 (full sharding) and 2 × 2 (HSDP)
-            config = Config.model_validate({"model": {"name": folder, "dtype": "float32"},
-                                            "parallel": {"replicate": replicate}})
-            model = build_model(config, torch.device("cpu"))
-            placements = {type(placement).__name__ for parameter in model.parameters()
-                          for placement in parameter.placements}
-            assert placements == ({"Shard"} if replicate == 1 else {"Replicate", "Shard"})
-            results[replicate] = gradients_and_norm(model, batches[rank])
-        for gradients, norm in results.values():
-            assert math.isclose(norm, expected_norm, rel_tol=1e-6)
-            for name, parameter in reference.named_parameters():
-                assert (gradients[name] - parameter.grad).abs().max() <= 1e-6, name
-        for name, gradient in results[2][0].items():
-            assert (gradient - results[1][0][name]).abs().max() <= 1e-6, name
-    finally:
-        dist.destroy_process_group()
+def mesh_worker(rank: int, folder: str) -> None:
+    batches = [packed_batch(seed=seed)[0] for seed in range(1, WORLD + 1)]
+    reference = load_model(Config.model_validate({"model": {"name": folder, "dtype": "float32"}}))
+    for batch in batches:  # one process over all four batches: the gradient of the whole global batch
+        loss_sum(reference, batch).backward()
+    expected_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+    results = {}
+    for replicate in (1, 2):  # 1 × 4 (full sharding) and 2 × 2 (HSDP)
+        config = Config.model_validate({"model": {"name": folder, "dtype": "float32"},
+                                        "parallel": {"replicate": replicate}})
+        model = build_model(config, torch.device("cpu"))
+        placements = {type(placement).__name__ for parameter in model.parameters()
+                      for placement in parameter.placements}
+        assert placements == ({"Shard"} if replicate == 1 else {"Replicate", "Shard"})
+        results[replicate] = gradients_and_norm(model, batches[rank])
+    for gradients, norm in results.values():
+        assert math.isclose(norm, expected_norm, rel_tol=1e-6)
+        for name, parameter in reference.named_parameters():
+            assert (gradients[name] - parameter.grad).abs().max() <= 1e-6, name
+    for name, gradient in results[2][0].items():
+        assert (gradient - results[1][0][name]).abs().max() <= 1e-6, name
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_two_by_two_mesh_gives_the_gradients_of_full_sharding_and_of_one_process(tmp_path: Path) -> None:
     folder = save_folder(tmp_path / "weights", with_weights=True)
-    torch.multiprocessing.spawn(mesh_worker, args=(free_port(), str(folder)), nprocs=WORLD)
+    spawn_ranks(WORLD, mesh_worker, str(folder))
 
 
 @pytest.mark.slow

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing
 import torch.nn.functional as F
-from conftest import TINY, VOCAB, free_port, packed_batch, save_folder, tiny_llama, tiny_model
+from conftest import TINY, VOCAB, free_port, packed_batch, save_folder, spawn_ranks, tiny_llama, tiny_model
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, Qwen2Config
@@ -248,33 +247,28 @@ def assert_gradients_equal(model: torch.nn.Module, reference: torch.nn.Module) -
         assert difference.abs().max() <= 1e-5, name
 
 
-def two_rank_worker(rank: int, port: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        config = Config.model_validate({"model": {"name": folder, "dtype": "float32"}})
-        batches = [packed_batch(seed=1)[0], packed_batch(seed=2)[0]]
-        model = build_model(config, torch.device("cpu"))
-        loss_sum(model, batches[rank]).backward()
-        reference = load_model(config)
-        for batch in batches:  # gradients accumulate: the reference holds the sum over both ranks' batches
-            loss_sum(reference, batch).backward()
-        assert_gradients_equal(model, reference)
-        model.zero_grad()
-        reference.zero_grad()
-        # a rank without supervised tokens still joins every collective (a mismatch would hang, not pass)
-        loss_sum(model, batches[0] if rank == 0 else packed_batch(supervised=False)[0]).backward()
-        loss_sum(reference, batches[0]).backward()
-        assert_gradients_equal(model, reference)
-    finally:
-        dist.destroy_process_group()
+def two_rank_worker(rank: int, folder: str) -> None:
+    config = Config.model_validate({"model": {"name": folder, "dtype": "float32"}})
+    batches = [packed_batch(seed=1)[0], packed_batch(seed=2)[0]]
+    model = build_model(config, torch.device("cpu"))
+    loss_sum(model, batches[rank]).backward()
+    reference = load_model(config)
+    for batch in batches:  # gradients accumulate: the reference holds the sum over both ranks' batches
+        loss_sum(reference, batch).backward()
+    assert_gradients_equal(model, reference)
+    model.zero_grad()
+    reference.zero_grad()
+    # a rank without supervised tokens still joins every collective (a mismatch would hang, not pass)
+    loss_sum(model, batches[0] if rank == 0 else packed_batch(supervised=False)[0]).backward()
+    loss_sum(reference, batches[0]).backward()
+    assert_gradients_equal(model, reference)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_ranks_sum_their_gradients(tmp_path: Path) -> None:
     folder = save_folder(tmp_path / "weights", with_weights=True)
-    torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(folder)), nprocs=2)
+    spawn_ranks(2, two_rank_worker, str(folder))
 
 
 @pytest.mark.parametrize(("parameters", "expected", "grouped"), [
