@@ -86,7 +86,8 @@ def train_with_lacuna(data: str, model: dict, warmup: int, steps: int, run_dir: 
                                                "compile": compile, "config_overrides": model}}))
     main(["@", str(config), "--data", data, "--run-dir", run_dir, "--steps", str(warmup + steps), "--batch-size", "1",
           "--warmup-steps", "1", "--log-every", "1", "--checkpoint.export", "false", "--resume", "none"])
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()][warmup:]
+    records = [record for record in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+               if "event" not in record][warmup:]  # step records: the start record is an event
     shards = open_shards(Path(data))
     epochs = -(-(warmup + steps) // shards.num_rows)  # the run's row order (seed 0, one row per step), replayed
     everything = np.arange(shards.num_rows)
