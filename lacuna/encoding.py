@@ -27,7 +27,6 @@ CHECKED_RECORDS = 1000  # the template checks run on this many first records of 
 # What became of a document: KEPT and TRUNCATED ones are packed; DROPPED: overlong with --overlong drop; EMPTY: no
 # supervised token; EXCLUDED: every assistant turn left out (train: false, --assistant-turns last). Stored as int8.
 DocumentStatus = IntEnum("DocumentStatus", ["KEPT", "TRUNCATED", "DROPPED", "EMPTY", "EXCLUDED"], start=0)
-KEPT, TRUNCATED, DROPPED, EMPTY, EXCLUDED = DocumentStatus  # until lacuna/writing.py reads DocumentStatus
 
 
 class EncodedBatch(NamedTuple):

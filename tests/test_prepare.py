@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import DATA, REPOSITORY, TOKENIZER, materialize, segments, torchrun, write_jsonl
 
-from lacuna.encoding import DROPPED, EMPTY, KEPT, TRUNCATED, Encoder
+from lacuna.encoding import DocumentStatus, Encoder
 from lacuna.errors import LacunaError
 from lacuna.prepare import main
 from lacuna.shards import open_shards, token_dtype, tokenizer_hash
@@ -114,6 +114,7 @@ def test_document_status_kept_truncated_dropped_empty() -> None:
     lengths = np.array([3, 0, 6, 2, 5])
     masks = [[1, 1, 1], [], [1, 0, 0, 0, 1, 1], [1, 0], [1, 1, 0, 0, 0]]  # first tokens get masked out
     tokens = np.arange(lengths.sum(), dtype=np.uint16)
+    KEPT, TRUNCATED, DROPPED, EMPTY, _ = DocumentStatus
     for overlong, status, kept in (("truncate", [KEPT, EMPTY, EMPTY, EMPTY, TRUNCATED], [3, 0, 0, 0, 4]),
                                    ("drop", [KEPT, EMPTY, DROPPED, EMPTY, DROPPED], [3, 0, 0, 0, 0])):
         encoder = Encoder("sft", None, None, 4, overlong, np.dtype(np.uint16))

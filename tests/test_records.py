@@ -406,3 +406,99 @@ def test_end_of_turn_token_left_outside_a_trl_block_is_named(trl_tokenizer, name
                                           rf"assistant reply outside its"):
         encoder.sft_documents(records, "record #{}", check=True)
     Encoder("sft", trl_tokenizer, template, 10**6, "drop", np.dtype(np.int32)).sft_documents(records, "#{}", check=True)
+
+
+def test_the_tokenizers_own_tagged_template_is_the_default(tmp_path: Path, tokenizers, trl_tokenizer,
+                                                           capfd: pytest.CaptureFixture) -> None:
+    template = TRL_TEMPLATES / "qwen3_training.jinja"
+    trl_tokenizer.chat_template = template.read_text()  # as a model saved by TRL (or exported by lacuna) carries it
+    trl_tokenizer.save_pretrained(tmp_path / "tagged")
+    dataset = write_jsonl(tmp_path / "tools.jsonl", tool_records())
+    capfd.readouterr()
+    main(["sft", "--dataset", str(dataset), "--out", str(tmp_path / "own"), "--tokenizer", str(tmp_path / "tagged"),
+          "--seq-len", "1024"])
+    assert "chat template: the tokenizer's own (it has {% generation %} tags)" in capfd.readouterr().out
+    manifest = prepare(tmp_path / "given", dataset, tmp_path / "tagged", "--chat-template", str(template))
+    assert manifest["chat_template"] == f"{template} (given by --chat-template)"
+    own = json.loads((tmp_path / "own" / "manifest.json").read_text())
+    assert own["chat_template"] == "the tokenizer's own (it has {% generation %} tags)"
+    assert own["chat_template_hash"] == manifest["chat_template_hash"] and own["splits"] == manifest["splits"]
+    main(["sft", "--dataset", str(dataset), "--out", str(tmp_path / "family"), "--tokenizer", str(tokenizers["chatml"]),
+          "--seq-len", "1024"])  # SmolLM2's own template has no tags: the packaged ChatML one
+    assert ("chat template: lacuna/templates/chatml.jinja (the tokenizer has no {% generation %} tags of its own and "
+            "holds <|im_start|>)") in capfd.readouterr().out
+
+
+# ----------------------------------------------------------------------------- TRL's prompt–completion datasets
+
+
+def prompt_completion(record: dict, cut: str) -> tuple[dict, dict]:
+    """A messages record as TRL's conversational prompt–completion (the prompt up to the first or the last assistant
+    turn), and the messages record lacuna must read it as: the prompt's replies left out of the loss."""
+    messages = record["messages"]
+    assistants = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    split = assistants[0] if cut == "first" else assistants[-1]
+    context = [{**message, "train": False} if message["role"] == "assistant" else message
+               for message in messages[:split]]
+    return ({**record, "prompt": messages[:split], "completion": messages[split:], "messages": None},
+            {**record, "messages": context + messages[split:]})
+
+
+def standard_records() -> list[dict]:
+    chat = [json.loads(line)["messages"] for line in (DATA / "corpus" / "chat.jsonl").read_text().splitlines()][:40]
+    records = [{"prompt": f"Question: {user['content']}\nAnswer:" + " " * (index % 2),
+                "completion": " " * (1 - index % 2) + reply["content"]} for index, (user, reply, *_) in enumerate(chat)]
+    return records + [{"prompt": "", "completion": "Already ends with EOS.<|im_end|>"}]
+
+
+def trl_standard(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """TRL's SFTTrainer on a standard prompt–completion record: EOS appended to the completion unless there, prompt
+    and prompt + completion tokenized as text, the completion from where they differ."""
+    from trl.data_utils import common_prefix_length
+
+    completion = record["completion"]
+    completion += "" if completion.endswith(tokenizer.eos_token) else tokenizer.eos_token
+    ids = tokenizer(text=record["prompt"] + completion)["input_ids"]
+    start = common_prefix_length(tokenizer(text=record["prompt"])["input_ids"], ids)
+    return ids, [0] * start + [1] * (len(ids) - start)
+
+
+def test_prompt_completion_datasets_conversational_standard_and_mixed(tmp_path: Path, tokenizers) -> None:
+    from transformers import AutoTokenizer
+
+    pairs = [prompt_completion(record, cut) for index, record in enumerate(tool_records())
+             for cut in ("first", "last")[:1 + index % 2]]
+    for pair in pairs:
+        del pair[0]["messages"]
+    conversational = write_jsonl(tmp_path / "conversational.jsonl", [pair[0] for pair in pairs])
+    as_messages = write_jsonl(tmp_path / "messages.jsonl", [pair[1] for pair in pairs])
+    prepare(tmp_path / "conversational", conversational, tokenizers["chatml"])
+    prepare(tmp_path / "as-messages", as_messages, tokenizers["chatml"])
+    for path in (tmp_path / "conversational").glob("*.npy"):  # token for token and mask for mask
+        assert path.read_bytes() == (tmp_path / "as-messages" / path.name).read_bytes(), path.name
+    standard = write_jsonl(tmp_path / "standard.jsonl", standard_records())
+    manifest = prepare(tmp_path / "standard", standard, tokenizers["chatml"], "--val-fraction", "0")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers["chatml"])
+    expected = [trl_standard(tokenizer, record) for record in standard_records()]
+    found = Counter((tuple(tokens.tolist()), tuple(mask.tolist())) for tokens, mask in segments(
+        tmp_path / "standard", "train"))
+    assert found == Counter((tuple(ids), (0, *mask[1:])) for ids, mask in expected)
+    assert manifest["stats"]["documents"] == len(expected)
+    mixed = ["--dataset", str(as_messages), "--dataset", str(conversational), "--dataset", str(standard)]
+    runs = {"one": [], "num-proc": ["--num-proc", "2"], "streaming": ["--streaming"]}
+    for name, arguments in runs.items():
+        main(["sft", *mixed, "--out", str(tmp_path / name), "--tokenizer", str(tokenizers["chatml"]), "--seq-len",
+              "1024", "--quiet", *arguments])
+    for path in (tmp_path / "one").glob("*.npy"):
+        assert all(path.read_bytes() == (tmp_path / name / path.name).read_bytes() for name in runs), path.name
+
+
+def test_a_record_in_a_streamed_file_is_named_the_same_whatever_the_process_count(tmp_path: Path, tokenizers) -> None:
+    good = [{"messages": [USER, REPLY]}] * 3
+    (tmp_path / "data").mkdir()
+    for name in ("a", "b", "c"):
+        write_jsonl(tmp_path / "data" / f"{name}.jsonl", good + [{"text": "x"}] * (name == "b") + good)
+    message = rf"dataset '{tmp_path / 'data'}' file {tmp_path / 'data' / 'b.jsonl'} record #4 has neither 'messages'"
+    for arguments in ([], ["--shard-index", "1", "--num-shards", "2"], ["--shard-index", "1", "--num-shards", "3"]):
+        with pytest.raises(LacunaError, match=re.escape(message).replace(r"\#", "#")):
+            prepare(tmp_path / "out", tmp_path / "data", tokenizers["chatml"], "--streaming", *arguments)
