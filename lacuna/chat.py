@@ -1,8 +1,5 @@
-"""Talk to a model in the terminal (`lacuna chat`): generated locally, or by an OpenAI-compatible server.
-
-Local generation is plain transformers: `generate` in a thread feeding a `TextIteratorStreamer`. A server
-(`transformers serve DIR`, vLLM, SGLang, ...) is reached through the `openai` client, streaming.
-"""
+"""Talk to a model in the terminal (`lacuna chat`): locally with plain transformers (`generate` in a thread feeding a
+`TextIteratorStreamer`), or streamed by the `openai` client from a server (`transformers serve DIR`, vLLM, SGLang)."""
 
 import contextlib
 import json

@@ -63,8 +63,7 @@ def _recipe(name: str, arguments: list[str]) -> None:
             raise LacunaError(f"'{config_file}' not found: run `lacuna {name}` from the lacuna repository root or "
                               "pass your own config with `@ file.toml`")
         if not Path("data/models").is_dir():
-            raise LacunaError(f"the offline assets of {config_file} are not in data/: run `make {name}`, or "
-                              "`python pipelines/assets.py` first")
+            raise LacunaError(f"the offline assets are not in data/: run `make {name}` or `python pipelines/assets.py`")
         files, arguments = ["@", str(config_file)], ["@", str(config_file), *arguments]
     config = load_config(arguments)
     if config.prepare.mode != name:
