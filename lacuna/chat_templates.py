@@ -176,9 +176,6 @@ def end_of_turn_tokens(renderer: Renderer, special: list[str]) -> set[str]:
                                             {"role": "assistant", "content": reply}] * 2))[0]
     except (RenderError, LacunaError):
         return set()
-    found = set()
-    for piece in text.split(reply)[1:]:
-        positions = {token: piece.find(token) for token in special if token in piece}
-        if positions:  # the first to follow; of tokens found at the same place, the longest
-            found.add(min(positions, key=lambda token: (positions[token], -len(token))))
-    return found
+    following = [{token: piece.find(token) for token in special if token in piece} for piece in text.split(reply)[1:]]
+    # the first to follow; of tokens found at the same place, the longest
+    return {min(found, key=lambda token: (found[token], -len(token))) for found in following if found}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lacuna.config import PrepareConfig
-from lacuna.errors import LacunaError
+from lacuna.errors import LacunaError, first_line
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 BATCH_SIZE = 1000
@@ -66,7 +66,7 @@ def local_files(spec: str) -> list[Path] | None:
 
 
 def read_error(source: Source, error: Exception) -> LacunaError:
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     hint = "check the files" if source.files else "check the name, --subset, --split (offline: cached datasets only)"
     return LacunaError(f"cannot read dataset '{source.spec}' ({reason}): {hint}")
 
