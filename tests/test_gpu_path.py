@@ -117,20 +117,21 @@ def test_loss_sum_reads_no_tensor_on_the_host_forward_and_backward() -> None:
         assert loss.shape == () and model.get_output_embeddings().weight.grad is not None
 
 
-def test_compiled_layers_compile_once_for_every_document_count_length_and_row_count(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", True)  # restored after: apply_compile sets it
+def test_compiled_layers_compile_once_for_every_document_count_length_and_row_count() -> None:
     torch._dynamo.reset()
     counters.clear()
     model = meta_model()
-    apply_compile(model, backend="eager")  # the guards decide recompiles, whatever the backend
     batches = [document_batch([10, 20, 34]), document_batch([30, 34]), document_batch([5, 5, 5, 49]),
                document_batch([1, 2, 3, 58]), document_batch([64], rows=3)]
     graphs = []
-    for batch in batches:
-        loss_sum(model, batch.to(torch.device("meta"))).backward()
-        graphs.append(counters["stats"]["unique_graphs"])
-    torch._dynamo.reset()
+    try:
+        apply_compile(model, backend="eager")  # the guards decide recompiles, whatever the backend
+        for batch in batches:
+            loss_sum(model, batch.to(torch.device("meta"))).backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:  # apply_compile's process-wide setting, back to torch's default for the other tests
+        torch.fx.experimental._config.use_duck_shape = True
+        torch._dynamo.reset()
     assert graphs == [graphs[0]] * len(batches) and graphs[0] >= 1
 
 
