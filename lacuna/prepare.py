@@ -26,9 +26,10 @@ from lacuna.chat_templates import ChatTemplate, check_template, choose_template
 from lacuna.config import Config, PrepareConfig, load_config
 from lacuna.encoding import EncodedBatch, Encoder
 from lacuna.errors import LacunaError, run_main
-from lacuna.shards import FORMAT, token_dtype, tokenizer_hash, write_atomically
+from lacuna.files import write_atomically
+from lacuna.shards import FORMAT, token_dtype, tokenizer_hash
 from lacuna.sources import RecordBatch, Source, load_source, parse_source, record_batches
-from lacuna.writing import finished, merge
+from lacuna.writing import finished, merge, output_lock
 
 RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards", "streaming"}
 
@@ -234,7 +235,13 @@ def summary(manifest: dict[str, Any], out: Path, quiet: bool) -> None:
 
 
 def prepare(config: Config) -> dict[str, Any] | None:
-    """Run this process's part of a prepare; the last process to finish merges and returns the manifest."""
+    """Run this process's part of a prepare, holding the lock on --out; the last process to finish merges and returns
+    the manifest."""
+    with output_lock(Path(config.prepare.out or config.data.path), config.prepare):  # before any work
+        return locked_prepare(config)
+
+
+def locked_prepare(config: Config) -> dict[str, Any] | None:
     settings, out, sources = check_settings(config)
     rank, world = process_slot(settings)
     if settings.num_proc > 1:

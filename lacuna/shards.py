@@ -42,7 +42,6 @@ import numpy as np
 from numpy.lib.format import read_array_header_1_0, read_array_header_2_0, read_magic
 
 from lacuna.errors import LacunaError
-from lacuna.files import write_atomically  # noqa: F401  re-exported until prepare.py, assets.py and chat.py switch
 
 FORMAT_NAME = "lacuna-packed"
 FORMAT_VERSION = 3

@@ -264,7 +264,57 @@ def test_faults_prepare_overwrite_killed_at_each_write_phase_then_rerun_ends_com
         assert tree(out) in (old, new), number
         main([*common, "--seq-len", "128"])
         assert tree(out) == new, number
-        assert sorted(path.name for path in tmp_path.iterdir()) == ["code.jsonl", "out"]
+        # the killed run's lock file stays (hidden, free: the kernel dropped the lock); nothing else is left over
+        assert sorted(path.name for path in tmp_path.iterdir()) == [".out.lock", "code.jsonl", "out"]
     # killed before: the part's marker, the shards' marker, the parts' removal, the manifest, the old folder's
     # rename aside and the new one's rename in (the old one restored by the next writer)
     assert phases == [["out", "out.partial"]] * 5 + [["out.lacuna-replaced", "out.partial"]], phases
+
+
+def prepare_paused_in_merge(arguments: list[str], reached: int, resume: int) -> None:
+    """Run prepare in this (child) process; at the merge, say so on `reached` and wait for a byte on `resume`."""
+    import lacuna.prepare
+
+    real_merge = lacuna.prepare.merge
+
+    def merge(*merge_arguments: object) -> object:
+        os.write(reached, b"1")
+        os.read(resume, 1)
+        return real_merge(*merge_arguments)
+
+    lacuna.prepare.merge = merge
+    main(arguments)
+
+
+def test_faults_a_second_prepare_on_one_out_is_refused_naming_the_first(tmp_path: Path,
+                                                                         capfd: pytest.CaptureFixture) -> None:
+    write_jsonl(tmp_path / "code.jsonl", [{"text": f"x = {index}\n" * (index % 5 + 1)} for index in range(30)])
+    out = tmp_path / "out"
+    arguments = ["pretrain", "--dataset", str(tmp_path / "code.jsonl"), "--tokenizer", str(TOKENIZER), "--quiet",
+                 "--seq-len", "64", "--out", str(out)]
+    reached, resume = os.pipe(), os.pipe()
+    first = multiprocessing.get_context("fork").Process(target=prepare_paused_in_merge,
+                                                        args=(arguments, reached[1], resume[0]))
+    first.start()
+    assert os.read(reached[0], 1) == b"1"  # the first prepare is merging: its parts are written
+    with pytest.raises(LacunaError, match=rf"^prepare output '{out}' is being written by process {first.pid} on "
+                                          rf"{socket.gethostname()} \(.*\): wait for it to end or stop it, or write "
+                                          "elsewhere$"):
+        main([*arguments, "--overwrite"])
+    os.write(resume[1], b"1")
+    first.join(timeout=300)
+    assert first.exitcode == 0 and open_shards(out).num_rows > 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.lock", "code.jsonl", "out"]
+
+
+def test_faults_prepare_into_a_read_only_folder_fails_before_loading_anything(tmp_path: Path) -> None:
+    read_only = Path(tempfile.mkdtemp())
+    try:
+        read_only.chmod(0o555)
+        message = as_unprivileged(main, ["pretrain", "--dataset", str(tmp_path / "missing.jsonl"), "--out",
+                                         str(read_only / "data" / "out")])  # the dataset would fail next
+        assert message == (f"the folder of prepare output '{read_only}/data' cannot be written ('{read_only}': "
+                           "Permission denied): choose a writable place or fix its permissions")
+    finally:
+        read_only.chmod(0o755)
+        shutil.rmtree(read_only)
