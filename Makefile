@@ -42,9 +42,9 @@ bench: setup
 	$(PYTHON) -c "import trl, accelerate" 2>/dev/null || $(PYTHON) -m pip install -q "trl==1.16.0" accelerate
 	$(PYTHON) pipelines/bench.py $(BENCH_ARGS)
 
-# One CUDA GPU, under 8 min: one table and data/bench/gpu_check.json (pipelines/gpu_check.py; its docstring has the
-# wheels and the command for a GPU machine without network). No set-up: .venv's python where there is one, else
-# python3. GPU_CHECK_ARGS=--prepare-only writes the data it needs (after `make setup`); --cpu-smoke: tiny, on CPU.
+# One CUDA GPU, at most 5 min (a 270 s budget): one table and data/bench/gpu_check.json (pipelines/gpu_check.py;
+# the README's "GPU check" has the wheels and the command for a GPU machine without network). No set-up: .venv's
+# python where there is one, else python3. GPU_CHECK_ARGS=--prepare-only writes the data it needs (after `make setup`); --cpu-smoke: tiny, on CPU.
 gpu-check:
 	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) pipelines/gpu_check.py $(GPU_CHECK_ARGS)
 

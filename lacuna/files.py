@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from lacuna.errors import LacunaError
 
@@ -68,14 +69,41 @@ def exclusive_lock(target: Path, what: str, job: str | None = None) -> Iterator[
     Every process of a job calls this and they share the lock: a job is `job` when given, else job_identity(). It is
     an flock on `.{name}.lock` beside `target` (there before the target, kept by replace_directory, nothing inside
     the folder), which the kernel drops when its process dies: a killed job's lock is free again at once. The job's
-    first process writes itself into the file and recovers a killed replace_directory of `target`.
+    first process writes itself into the file and recovers a killed replace_directory of `target`; its last one
+    removes the file, and the folders the lock had to create when they are still empty.
     """
     target = Path(target)
     check_writable(target.parent, f"the folder of {what}")
+    created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.with_name(f".{target.name}.lock")
     holder = {"job": job or job_identity(), "pid": os.getpid(), "host": socket.gethostname(),
               "command": " ".join(sys.argv)[:120]}
-    with target.with_name(f".{target.name}.lock").open("a+", encoding="utf-8") as file:
+    file = join(path, holder, target)
+    try:
+        file.seek(0)
+        found = json.loads(file.read() or "{}")
+        if found.get("job") != holder["job"]:
+            raise LacunaError(f"{what} '{target}' is being written by process {found.get('pid')} on "
+                              f"{found.get('host')} ({found.get('command')}): wait for it to end or stop it, or "
+                              "write elsewhere")
+        yield
+    finally:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the job's last process (or a refused one, alone)
+            path.unlink()
+            for folder in created:
+                folder.rmdir()  # OSError once one is not empty
+        except OSError:
+            pass
+        file.close()
+
+
+def join(path: Path, holder: dict, target: Path) -> TextIO:
+    """The lock file at `path`, share-locked; the first holder writes `holder` in. Opened again when its last holder
+    removed it meanwhile (a lock on a removed file would protect nothing)."""
+    while True:
+        file = path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it: this job becomes the holder
             file.truncate(0)
@@ -85,10 +113,9 @@ def exclusive_lock(target: Path, what: str, job: str | None = None) -> Iterator[
         except BlockingIOError:
             pass
         fcntl.flock(file, fcntl.LOCK_SH)  # shared by the job's processes; while one holds it, nobody rewrites it
-        file.seek(0)
-        found = json.loads(file.read() or "{}")
-        if found.get("job") != holder["job"]:
-            raise LacunaError(f"{what} '{target}' is being written by process {found.get('pid')} on "
-                              f"{found.get('host')} ({found.get('command')}): wait for it to end or stop it, or "
-                              "write elsewhere")
-        yield
+        try:
+            if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                return file
+        except FileNotFoundError:
+            pass
+        file.close()

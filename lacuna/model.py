@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lacuna import attention
 from lacuna.config import Config
-from lacuna.errors import LacunaError
+from lacuna.errors import LacunaError, first_line
 from lacuna.loader import Batch
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -45,8 +45,8 @@ def model_configuration(config: Config) -> PreTrainedConfig:
     try:
         model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise LacunaError(f"cannot load model config '{name}' ({str(error).splitlines()[0]}): set model.name to an "
-                          "HF folder with config.json (run `lacuna assets` for the defaults) or a Hub name") from None
+        raise LacunaError(f"cannot load model config '{name}' ({first_line(error)}): set model.name to an HF folder "
+                          "with config.json (`make setup` builds the defaults in data/) or a Hub name") from None
     heads = getattr(model_config, "num_attention_heads", 0)
     derived_head_dim = heads and getattr(model_config, "head_dim", None) == model_config.hidden_size // heads
     for key, value in overrides.items():
@@ -74,7 +74,7 @@ def load_model(config: Config) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(config.model.name, config=model_config, **options)
     except (OSError, ValueError, RuntimeError) as error:
-        raise LacunaError(f"cannot load model weights from '{config.model.name}' ({str(error).splitlines()[0]}): "
+        raise LacunaError(f"cannot load model weights from '{config.model.name}' ({first_line(error)}): "
                           "check model.name and that model.config_overrides keeps the weight shapes") from None
 
 

@@ -16,6 +16,7 @@ each run (and each resume) with a start record, `{"event": "start", ...}`: what 
 liger, compile, world size, global batch), for tools and tests to read.
 """
 
+import gc
 import math
 import os
 import signal
@@ -341,17 +342,20 @@ def main(arguments: list[str]) -> None:
     config = load_config(arguments, command="train")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # torchrun's or SLURM's stop: say what was kept
     device = init_distributed(config.parallel.timeout_seconds)
+    rank = dist.get_rank()
     try:
         train(config, device)
-    except RuntimeError as error:
-        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
-            raise LacunaError(f"rank {dist.get_rank()}: a collective timed out after {config.parallel.timeout_seconds}"
-                              " s (another rank died or hung; see its output): raise --parallel.timeout-seconds if "
+    except BaseException as error:
+        gc.collect()  # FSDP's cycles hold the group: destroy it while the interpreter lives (gloo aborts at exit)
+        dist.destroy_process_group()  # no barrier: a peer may be dead
+        if isinstance(error, RuntimeError) and any(word in str(error).lower() for word in ("timed out", "timeout")):
+            raise LacunaError(f"rank {rank}: a collective timed out after {config.parallel.timeout_seconds} s "
+                              "(another rank died or hung; see its output): raise --parallel.timeout-seconds if "
                               "steps are legitimately that slow") from None
         raise
-    finally:
-        dist.destroy_process_group()
-
+    gc.collect()
+    dist.barrier()  # no rank tears its connections down while a peer still uses them
+    dist.destroy_process_group()
 
 if __name__ == "__main__":
     run_main(main, sys.argv[1:])

@@ -127,7 +127,7 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
 def test_cli_help_lists_every_command() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ["prepare", "train", "pretrain", "sft", "inspect", "export", "chat", "assets", "count-lines"]:
+    for command in ["prepare", "train", "pretrain", "sft", "inspect", "export", "chat", "count-lines"]:
         assert command in result.stdout
 
 

@@ -70,9 +70,10 @@ def test_qwen_configs_parse_and_validate(name: str) -> None:
     assert "dtype" not in tomllib.loads(file.read_text())["model"]  # the default (auto) decides
     if mode == "pretrain":
         assert config.prepare.dataset == ["HuggingFaceFW/fineweb-edu"] and config.prepare.subset == "sample-10BT"
-        tokens_per_step = config.data.batch_size * config.data.grad_accum * config.prepare.seq_len
-        assert tokens_per_step == 524288 and config.prepare.tokenizer == "Qwen/Qwen2.5-0.5B"
+        assert config.data.global_batch_rows * config.prepare.seq_len == 524288  # on any number of GPUs
+        assert config.prepare.tokenizer == "Qwen/Qwen2.5-0.5B"
     else:
+        assert config.data.global_batch_rows * config.prepare.seq_len == 131072
         assert config.prepare.dataset == ["allenai/tulu-3-sft-mixture"]
         assert config.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and config.optim.lr == 1e-5
 

@@ -5,7 +5,6 @@ that start one copy of the command per node); ranks are SIGKILLed mid-run and mi
 Every process a test starts is bounded in time and killed at the end: only descendants of its own launcher.
 """
 
-import json
 import os
 import random
 import signal
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY, materialize
+from conftest import TINY, materialize, read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +133,7 @@ def finish(launcher: subprocess.Popen, log: Path, seconds: float = 180) -> int:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def last_step(run_dir: Path) -> int:

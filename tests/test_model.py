@@ -271,28 +271,6 @@ def test_two_ranks_sum_their_gradients(tmp_path: Path) -> None:
     spawn_ranks(2, two_rank_worker, str(folder))
 
 
-@pytest.mark.parametrize(("parameters", "expected", "grouped"), [
-    ({"query", "cu_seq_q", "max_q", "is_causal"}, {"is_causal": True}, False),  # torch 2.10
-    ({"query", "cu_seq_q", "max_q", "window_size"}, {"window_size": (-1, 0)}, False),  # 2.11
-    ({"query", "cu_seq_q", "window_size", "enable_gqa"}, {"window_size": (-1, 0), "enable_gqa": True}, True),  # 2.12+
-])
-def test_torch_varlen_attn_is_called_causally_on_every_torch_signature(parameters: set[str], expected: dict,
-                                                                       grouped: bool) -> None:
-    assert attention.causal_options(parameters) == (expected, grouped)
-
-
-def test_installed_torch_varlen_attn_signature_is_understood() -> None:
-    import inspect
-
-    varlen_attn = attention.torch_varlen_attention()
-    if varlen_attn is None:
-        pytest.skip(f"torch {torch.__version__} has no varlen_attn (added in 2.10)")
-    parameters = set(inspect.signature(varlen_attn).parameters)
-    assert {"cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale"} <= parameters
-    options, _ = attention.causal_options(parameters)
-    assert set(options) <= parameters
-
-
 def test_gradient_reduction_is_an_fp32_forced_sum(process_group: None) -> None:
     """The policy NCCL needs: bf16 PREMUL_SUM with factor 1.0 returns all-zero gradients (pytorch#190745)."""
     from torch.distributed.fsdp import FSDPModule
