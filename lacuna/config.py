@@ -12,7 +12,7 @@ import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -246,7 +246,12 @@ def _resolve_key(name: str, command: str) -> list[str]:
     return parts
 
 
-def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[Path], dict[str, Any]]:
+class Arguments(NamedTuple):
+    files: list[Path]  # the `@ file.toml` references, in order
+    overrides: dict[str, Any]  # `--key value` pairs as a nested dict
+
+
+def parse_arguments(arguments: list[str], command: str = "train") -> Arguments:
     """Split `@ file.toml` / `@file.toml` references from `--key value` overrides (a nested dict)."""
     files: list[Path] = []
     overrides: dict[str, Any] = {}
@@ -284,7 +289,7 @@ def parse_arguments(arguments: list[str], command: str = "train") -> tuple[list[
             target.setdefault(path[-1], []).append(parsed)
         else:
             target[path[-1]] = parsed
-    return files, overrides
+    return Arguments(files, overrides)
 
 
 def load_config(arguments: list[str], command: str = "train") -> Config:

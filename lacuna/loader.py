@@ -9,7 +9,7 @@ size at the same global batch.
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,14 @@ class Batch:
         move = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.cu_seqlens),
                      self.max_seqlen, self.supervised_tokens, move(self.supervised_positions))
+
+
+class StepBatches(NamedTuple):
+    """One optimizer step's data on this rank."""
+
+    batches: list[Batch]
+    supervised_total: int
+    """Supervised tokens of the whole global batch (all ranks): the loss's denominator."""
 
 
 @dataclass
@@ -131,7 +139,7 @@ class Loader:
                               f"{grad_accum} × {world_size} ranks) exceeds the {shards.num_rows} rows of the data: "
                               "lower --batch-size or --grad-accum, or prepare more data")
 
-    def next_step(self) -> tuple[list[Batch], int]:
+    def next_step(self) -> "StepBatches":
         """This rank's micro-batches of the next global batch, and the supervised tokens of the whole global batch."""
         if self.position.offset + self.global_batch_rows > self.shards.num_rows:
             self.position = DataPosition(self.position.epoch + 1, 0)
@@ -144,7 +152,7 @@ class Loader:
         mine = indices[self.rank * rank_rows:(self.rank + 1) * rank_rows]
         batches = [collate([self.shards.row(int(index)) for index in mine[first:first + self.batch_size]])
                    for first in range(0, rank_rows, self.batch_size)]
-        return batches, supervised_total
+        return StepBatches(batches, supervised_total)
 
 
 def eval_batches(shards: Any, batch_size: int, rank: int, world_size: int, max_rows: int) -> Iterator[Batch]:

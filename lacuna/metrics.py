@@ -6,7 +6,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,31 +49,36 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     return measure_matmul_flops(dtype, seconds=2.0)
 
 
-def choose_cpu_dtype(bfloat16_flops: float, float32_flops: float, capability: str) -> tuple[str, str]:
+class DtypeChoice(NamedTuple):
+    dtype: str  # "bfloat16" or "float32"
+    reason: str  # printed at start
+
+
+def choose_cpu_dtype(bfloat16_flops: float, float32_flops: float, capability: str) -> DtypeChoice:
     """bf16 where this CPU computes it at least as fast as fp32 (native bf16: AMX, AVX512-BF16), else fp32 (emulated
     bf16 is several to ~50× slower); returns the dtype name and the reason to print."""
     choice = "bfloat16" if bfloat16_flops >= float32_flops else "float32"
-    return choice, (f"CPU ({capability}) matmul: bf16 {bfloat16_flops / 1e9:.0f} vs fp32 {float32_flops / 1e9:.0f} "
-                    "GFLOP/s per process")
+    return DtypeChoice(choice, f"CPU ({capability}) matmul: bf16 {bfloat16_flops / 1e9:.0f} vs fp32 "
+                       f"{float32_flops / 1e9:.0f} GFLOP/s per process")
 
 
-def cpu_dtype_from_flags(native_flags: set[str], capability: str) -> tuple[str, str]:
+def cpu_dtype_from_flags(native_flags: set[str], capability: str) -> DtypeChoice:
     """bf16 where the CPU has a native-bf16 instruction set, else fp32; with the reason to print."""
     native = f"native bf16 ({', '.join(sorted(native_flags))})" if native_flags else "bf16 only emulated (slow)"
-    return ("bfloat16" if native_flags else "float32"), f"CPU ({capability}), {native}"
+    return DtypeChoice("bfloat16" if native_flags else "float32", f"CPU ({capability}), {native}")
 
 
-def choose_dtype(choice: str, device: torch.device) -> tuple[str, str]:
+def choose_dtype(choice: str, device: torch.device) -> DtypeChoice:
     """The compute dtype for `model.dtype` (`auto`: the fast correct one on this device) and the reason for it.
 
     On CPU the processor's feature flags decide where the OS lists them (the same answer every run, so loss curves
     stay bit-identical run to run; a timing probe on a busy machine could flip), else a matmul probe of both dtypes.
     """
     if choice != "auto":
-        return choice, "model.dtype"
+        return DtypeChoice(choice, "model.dtype")
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
-        return ("bfloat16" if supported else "float32"), f"{torch.cuda.get_device_name(device)} bf16 support"
+        return DtypeChoice("bfloat16" if supported else "float32", f"{torch.cuda.get_device_name(device)} bf16 support")
     capability = torch.backends.cpu.get_cpu_capability()
     flags = native_bfloat16_flags()
     if flags is not None:
