@@ -56,6 +56,12 @@ def model_configuration(config: Config) -> PreTrainedConfig:
         setattr(model_config, key, value)
     if derived_head_dim and "head_dim" not in overrides:  # config.json stores the derived head_dim: recompute it
         model_config.head_dim = model_config.hidden_size // model_config.num_attention_heads
+    heads = getattr(model_config, "num_attention_heads", 0)
+    key_value_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    if heads and ((derived_head_dim and model_config.hidden_size % heads) or heads % key_value_heads):
+        raise LacunaError(f"{name} with model.config_overrides {overrides} cannot be built: hidden_size "
+                          f"{model_config.hidden_size} must divide by num_attention_heads {heads}, and that by "
+                          f"num_key_value_heads {key_value_heads}: fix the overrides")
     model_config.use_cache = False
     return model_config
 

@@ -193,6 +193,9 @@ def test_load_model_random_init_is_seeded_and_applies_overrides(tmp_path: Path) 
     assert not torch.equal(scratch.lm_head.weight, pretrained.lm_head.weight)
     with pytest.raises(LacunaError, match="hidden_sise"):
         load_model(Config.model_validate({"model": {"name": str(folder), "config_overrides": {"hidden_sise": 8}}}))
+    for overrides in ({"hidden_size": 100, "num_attention_heads": 3}, {"num_key_value_heads": 3}):
+        with pytest.raises(LacunaError, match="cannot be built: hidden_size .* must divide by num_attention_heads"):
+            load_model(Config.model_validate({"model": {"name": str(folder), "config_overrides": overrides}}))
     with pytest.raises(LacunaError, match="cannot load model config '.*missing'.*HF folder with config.json"):
         load_model(Config.model_validate({"model": {"name": str(tmp_path / "missing")}}))
 
