@@ -1,30 +1,9 @@
 """The packed-shard format (`lacuna-packed`, version 3): what `lacuna prepare` writes and training reads.
 
-A prepared folder DIR holds, per split (`train`, `val`), packing group and shard, five plain `.npy` files (six in
-SFT) that `np.load(path, mmap_mode="r")` opens, named `DIR/{split}-{group:05d}-{shard:05d}.{kind}.npy`:
-
-    tokens       [rows, seq_len]  uint16 when every token id fits (vocab <= 65,536), else uint32
-    loss_mask    [rows, seq_len]  uint8, SFT only; 1 = this position's token is a supervised target, predicted
-                                  from the previous position (never the first token of a document)
-    cu_seqlens   [total]          int32, flat; a row's slice holds its segment boundaries 0 .. seq_len
-    row_offsets  [rows + 1]       int64 CSR index: row r's boundaries are cu_seqlens[row_offsets[r]:row_offsets[r+1]]
-    supervised   [rows]           int64, loss_mask.sum() of the row
-    max_seqlen   [rows]           int32, the longest segment of the row (padding tail included)
-
-A row is documents laid end to end with no padding between them; a row that cannot be filled ends in a
-padding tail (pad id, else EOS) that is its own segment, so it attends only to itself. Every document
-segment holds at least one supervised position and the padding tail none. Documents longer than seq_len
-(pretrain) are cut into chunks that overlap by one token, so each token is still a target exactly once.
-
-Pretraining shards store no loss_mask (version 3; older folders are refused: prepare them again): `derived_loss_mask`
-rebuilds it, 1 but at segment starts and over the padding tail, which `supervised` tells exactly: seq_len - segments
-without a tail, p - 1 less with a tail of p >= 2 (a 1-token tail is masked as a segment start).
-
-`DIR/manifest.json` is written last, into a temporary folder renamed to DIR, so a folder with a manifest
-is complete. Keys: `format`, `version`, `seq_len`, `token_dtype`, `mode` (pretrain|sft), `tokenizer`
-{name, vocab_size, hash}, `chat_template_hash` (null for pretrain), `config` (the prepare settings that
-shape the output), `stats` {documents, tokens, supervised_tokens, rows, fill, dropped, truncated, split,
-empty_mask, sources, splits, length_histogram} and `splits` {split: [{name, rows, files: {file: sha256}}]}.
+The README's "The shard format" is the contract: per split, packing group and shard, plain `.npy` files
+`DIR/{split}-{group:05d}-{shard:05d}.{kind}.npy` (tokens, loss_mask in SFT only, cu_seqlens, row_offsets,
+supervised, max_seqlen) and `DIR/manifest.json`, written last, with their sha256; a file shorter than its header
+says is refused at open.
 """
 
 import hashlib
