@@ -56,7 +56,7 @@ def _recipe(name: str, arguments: list[str]) -> None:
     from lacuna.prepare import recorded_settings
     from lacuna.shards import FORMAT_VERSION
 
-    files = [part for path in parse_arguments(arguments)[0] for part in ("@", str(path))]
+    files = [part for path in parse_arguments(arguments).files for part in ("@", str(path))]
     if not files:  # the embedded default: its config and the offline assets it names (pipelines/assets.py)
         config_file = Path("configs") / f"{name}.toml"
         if not config_file.is_file():
@@ -120,20 +120,23 @@ def export(
 
 @app.command()
 def chat(
+    flags: Annotated[list[str] | None, typer.Argument(
+        help="More `generate` flags, as `transformers chat` takes them: repetition_penalty=1.1 ...")] = None,
     model: Annotated[str | None, typer.Option(
-        help="HF export folder or DCP checkpoint (local generation); with --base-url, the server's model.")] = None,
-    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint: http://127.0.0.1:8000/v1")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY).")] = None,
+        help="HF export folder or DCP checkpoint, served by `transformers serve` for the chat; with --base-url, "
+        "the server's model (default: the first it lists).")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="A running `transformers serve`: http://127.0.0.1:8000/v1 (no server is started).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = TEMPERATURE,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = TOP_P,
     max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per reply.")] = 512,
 ) -> None:
-    """Chat in the terminal with a local model or an OpenAI-compatible server. /reset /system /save /exit."""
+    """Chat in the terminal with `transformers chat`: !help lists its commands (!clear, !set, !save, !exit)."""
     from lacuna.chat import chat as run_chat
 
-    run_chat(model=model, base_url=base_url, api_key=api_key, system=system, temperature=temperature,
-             top_p=top_p, max_tokens=max_tokens)
+    run_chat(model=model, base_url=base_url, system=system, temperature=temperature, top_p=top_p,
+             max_tokens=max_tokens, flags=flags)
 
 
 @app.command("count-lines")

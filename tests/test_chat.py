@@ -1,84 +1,98 @@
-"""`lacuna chat` on a tiny random Llama with the real SmolLM2 tokenizer and ChatML template (servers: test_serve.py)."""
+"""`lacuna chat --model`: a real `transformers serve` on 127.0.0.1 for the tiny model (real SmolLM2 tokenizer, ChatML
+template) and a real `transformers chat` driven through its stdin; one-line errors. --base-url: test_serve.py."""
 
-import io
 import json
+import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, check_conversations, free_port, greedy, saved
+from conftest import free_port, greedy
 
-from lacuna.chat import LocalModel, chat, load_local
+from lacuna.chat import chat
 from lacuna.errors import LacunaError
 
-
-def test_local_chat_streams_keeps_history_and_saves(export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    out = tmp_path / "chat.jsonl"
-    monkeypatch.setattr(sys, "stdin", io.StringIO("/system Be brief.\n" + SCRIPT.format(out=out)))
-    chat(model=str(export), temperature=0, max_tokens=6)
-    check_conversations(saved(out), export, 6)
-    assert "(system prompt set)" in capsys.readouterr().out
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
 
 
-def test_closing_a_local_stream_stops_generation(export: Path) -> None:
-    import torch
-
-    local = LocalModel(export)
-    steps = []
-    local.model.register_forward_hook(lambda *_: steps.append(1))
-    pieces = local.stream([{"role": "user", "content": "hello"}], 0, 1, 400)
-    next(pieces)
-    pieces.close()  # what Ctrl-C does to a reply
-    assert len(steps) < 50
-    steps.clear()
-    torch.manual_seed(1)  # a sampled reply that runs to max tokens (one forward each) without meeting EOS
-    assert "".join(local.stream([{"role": "user", "content": "hello"}], 1.0, 0.9, 7))  # the next reply still works
-    assert len(steps) == 7
-
-
-def test_bad_model_folders_are_one_line_errors(export: Path, tmp_path: Path) -> None:
-    from transformers import ViTConfig
-
-    with pytest.raises(LacunaError, match="model folder '.*missing' not found: pass an HF export"):
-        load_local(str(tmp_path / "missing"))
-    with pytest.raises(LacunaError, match="has no config.json"):
-        load_local(str(tmp_path))
-    vision = tmp_path / "vision"
-    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(vision)
-    with pytest.raises(LacunaError, match="no usable tokenizer"):
-        load_local(str(vision))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (vision / name).write_bytes((export / name).read_bytes())
-    with pytest.raises(LacunaError, match=r"is not a loadable causal LM \(Unrecognized configuration class") as error:
-        load_local(str(vision))
-    assert "\n" not in str(error.value)
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_a_dcp_checkpoint_is_exported_on_the_fly(export: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    """A checkpoint folder as lacuna.checkpoint writes it (DCP model state, config.toml, meta.json) chats directly."""
+def dcp_checkpoint(export: Path, root: Path) -> Path:
+    """The tiny model as a DCP checkpoint folder, as lacuna.checkpoint writes it (model state, config, meta)."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
     from lacuna.config import Config, to_toml
 
-    checkpoint = tmp_path / "checkpoints" / "step-00000001"
-    model = AutoModelForCausalLM.from_pretrained(export)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
+    checkpoint = root / "checkpoints" / "step-00000001"
+    dcp.save({"model": AutoModelForCausalLM.from_pretrained(export).state_dict()}, checkpoint_id=checkpoint,
+             no_dist=True)
     config = Config.model_validate({"model": {"name": str(export), "dtype": "float32"}, "prepare": {"mode": "sft"}})
     (checkpoint / "config.toml").write_text(to_toml(config))
     (checkpoint / "meta.json").write_text(json.dumps({"step": 1, "mode": "sft"}))
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
-    chat(model=str(checkpoint), temperature=0, max_tokens=6)
-    assert greedy(export, [{"role": "user", "content": "hello"}], 6) in capsys.readouterr().out
+    return checkpoint
 
 
-def test_unreachable_server_is_an_error_and_a_transient_one_keeps_the_chat(tmp_path: Path, capsys, monkeypatch):
-    url = f"http://127.0.0.1:{free_port()}/v1"
-    with pytest.raises(LacunaError, match=f"cannot reach {url}: is the server running"):
-        chat(base_url=url)  # no --model: the model list is needed before chatting
-    out = tmp_path / "chat.jsonl"
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"hello\n/save {out}\n/exit\n"))
-    chat(base_url=url, model="any", system="Be brief.")
-    assert f"error: cannot reach {url}" in capsys.readouterr().out
-    assert saved(out) == [[{"role": "system", "content": "Be brief."}]]
+def lacuna_chat(options: list[str], script: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """`lacuna chat OPTIONS` in `directory` (where `transformers chat` saves), reading `script`; bounded in time."""
+    return subprocess.run([BIN / "lacuna", "chat", *options], input=script, cwd=directory, capture_output=True,
+                          text=True, timeout=300)
+
+
+def saved_chat(directory: Path) -> dict:
+    """The one conversation that `!save` wrote under `directory`: its settings and chat history."""
+    [path] = (directory / "chat_history").glob("*/chat_*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_checkpoint_is_exported_served_and_chatted_with_then_the_server_stops(export: Path, tmp_path: Path):
+    checkpoint = dcp_checkpoint(export, tmp_path)
+    # each reply runs to the token limit, and `transformers chat` then asks whether to go on: "n"
+    script = "hello\nn\nwhat is 2+2?\nn\n!save\n!exit\n"
+    options = ["--model", str(checkpoint), "--system", "Be brief.", "--temperature", "0", "--max-tokens", "5"]
+    result = lacuna_chat(options, script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Generation stopped after reaching the token limit.") == 2
+    saved = saved_chat(tmp_path)
+    settings, history = saved["settings"], saved["chat_history"]
+    assert settings["model_id"] == "step-00000001"  # served under its folder's name: saved in ./chat_history/NAME
+    assert (settings["config"]["do_sample"], settings["config"]["max_new_tokens"]) == (False, 5)
+    assert [message["role"] for message in history] == ["system", "user", "assistant", "user", "assistant"]
+    assert history[0] == {"role": "system", "content": "Be brief."}
+    assert history[2]["content"] == greedy(export, history[:2], 5)  # transformers' greedy generate, on the history
+    assert history[4]["content"] == greedy(export, history[:4], 5) != history[2]["content"]
+    assert history[2]["content"] != greedy(export, history[1:2], 5)  # the system prompt reached the model
+    with pytest.raises(urllib.error.URLError):  # the server stopped with the chat
+        urllib.request.urlopen(f"{settings['base_url']}/models", timeout=10)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"temperature": -0.1}, r"^--temperature -0.1 --top-p 0.9 --max-tokens 512 out of range: use temperature >= 0"),
+    ({"top_p": 0.0}, "out of range: use temperature >= 0 .0 is greedy., 0 < top-p <= 1, max-tokens >= 1$"),
+    ({"top_p": 1.5}, "--top-p 1.5 "),
+    ({"max_tokens": 0}, "--max-tokens 0 out of range"),
+])
+def test_options_out_of_range_are_one_line_errors_before_any_work(options: dict, message: str) -> None:
+    with pytest.raises(LacunaError, match=message):
+        chat(model="/no/such/folder", **options)  # the range, not the missing folder, is the error
+
+
+def test_missing_models_and_servers_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(LacunaError, match="model folder None not found: pass an HF export folder .* or the --base-url"):
+        chat()
+    with pytest.raises(LacunaError, match=r"model folder '.*missing' not found: .*`make sft` writes data/runs/sft/exp"):
+        chat(model=str(tmp_path / "missing"))
+    unreachable = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(LacunaError, match=f"^{unreachable}/models: <urlopen error .*>: is the server up"):
+        chat(base_url=unreachable)
+
+
+def test_a_folder_that_is_not_a_model_is_a_server_that_does_not_start(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = lacuna_chat(["--model", str(empty)], "", tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: `transformers serve` did not start for '{empty}': ValueError: ")
+    assert result.stderr.endswith(": pass an HF export folder (RUN_DIR/export) or a DCP checkpoint "
+                                  "(RUN_DIR/checkpoints/step-N)\n") and result.stderr.count("\n") == 1
