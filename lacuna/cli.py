@@ -71,6 +71,9 @@ def _recipe(name: str, arguments: list[str]) -> None:
                           f"run `{config.prepare.mode}` with it, or set [prepare] mode = '{name}'")
     manifest_path = config.data.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest is not None and manifest.get("mode", name) != name:
+        raise LacunaError(f"'{config.data.path}' holds {manifest['mode']} data, not {name} data: pass a folder "
+                          f"prepared with `lacuna prepare {name}` as --data, or run `lacuna {manifest['mode']}`")
     own = load_config(files).data.path == config.data.path  # never replace a user's --data
     stale = own and manifest is not None and (manifest.get("version") != FORMAT_VERSION
                                               or manifest.get("config") != recorded_settings(config))
@@ -111,11 +114,13 @@ def inspect(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A DCP checkpoint folder (RUN_DIR/checkpoints/step-N).")],
     out: Annotated[Path, typer.Option(help="Output folder for the HF model.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out even if lacuna did not export it.")
+                         ] = False,
 ) -> None:
-    """Export a DCP checkpoint as an HF folder (weights, config, tokenizer, chat template)."""
+    """Export a DCP checkpoint as an HF folder (weights, config, tokenizer, chat template), replaced atomically."""
     from lacuna.checkpoint import export as export_checkpoint
 
-    export_checkpoint(checkpoint, out)
+    export_checkpoint(checkpoint, out, overwrite=overwrite)
 
 
 @app.command()

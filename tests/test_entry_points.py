@@ -113,6 +113,13 @@ def test_recipes_check_the_mode_and_need_a_config(tmp_path: Path) -> None:
     assert elsewhere.returncode == 2 and not list(tmp_path.iterdir())
     assert elsewhere.stderr == "error: 'configs/sft.toml' not found: run `lacuna sft` from the lacuna repository " \
                                "root or pass your own config with `@ file.toml`\n"
+    sft_data = tmp_path / "sft-data"  # a folder of SFT shards given to the pretraining recipe
+    sft_data.mkdir()
+    (sft_data / "manifest.json").write_text(json.dumps({"mode": "sft"}))
+    wrong_data = run([BIN / "pretrain", "--data", str(sft_data)])
+    assert wrong_data.returncode == 2 and wrong_data.stderr == (
+        f"error: '{sft_data}' holds sft data, not pretrain data: pass a folder prepared with `lacuna prepare "
+        "pretrain` as --data, or run `lacuna sft`\n")
 
 
 def test_a_recipe_uses_the_users_config_instead_of_the_embedded_default(tmp_path: Path) -> None:
