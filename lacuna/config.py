@@ -10,7 +10,6 @@ import json
 import tomllib
 import types
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -308,18 +307,6 @@ def to_toml(config: Config) -> str:
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for name, value in values.items():
-        if not prefix and name in SECTIONS:
-            yield from _flat(value, f"{name}.")
-        else:
-            yield prefix + name, value
-
-
 def changed_settings(config: Config) -> str:
-    """The settings that differ from the defaults, as `key=value` pairs (the start-up line; the full config goes to
-    RUN_DIR/config.toml)."""
-    defaults = dict(_flat(Config().model_dump(mode="json")))
-    changed = [f"{key}={json.dumps(value)}" for key, value in _flat(config.model_dump(mode="json"))
-               if defaults.get(key) != value]
-    return ", ".join(changed) or "all defaults"
+    """The settings that differ from the defaults (the start-up line; the full config goes to RUN_DIR/config.toml)."""
+    return json.dumps(config.model_dump(mode="json", exclude_defaults=True)) if config != Config() else "all defaults"

@@ -1,19 +1,9 @@
-"""Train an HF causal LM on prepared shards under FSDP2.
+"""Train an HF causal LM on prepared shards under FSDP2: `torchrun --nproc_per_node N -m lacuna.train --data DIR
+[@ configs/x.toml] [--overrides]`, `python -m lacuna.train ...` (one process) or `lacuna train ...` (launches torchrun).
 
-    torchrun --nproc_per_node N -m lacuna.train --data DIR [@ configs/x.toml] [--overrides]
-    python -m lacuna.train ...      (one process)     lacuna train ...      (launches torchrun)
-
-Run folder:
-    RUN_DIR/config.toml                        the resolved config
-    RUN_DIR/metrics.jsonl                      one JSON object per logged step
-    RUN_DIR/checkpoints/step-00000100/         DCP model + optimizer, rng-RANK.pt, meta.json, config.toml
-    RUN_DIR/export/                            HF folder written at the end
-
-A restarted run resumes from the newest readable checkpoint (`--resume latest`, the default) at the exact data
-position (also on another world size: grad_accum then keeps the global batch in rows); metrics records after that
-step, left by the interrupted run, are dropped. The run folder is locked while a run uses it. metrics.jsonl starts
-each run (and each resume) with a start record, `{"event": "start", ...}`: what the run decided (dtype, attention,
-liger, compile, world size, global batch), for tools and tests to read.
+The run folder (locked while a run uses it) holds config.toml, metrics.jsonl (a start record, `{"event": "start",
+...}`, of what each run or resume decided, then one record per logged step), checkpoints/step-N/ and export/. A
+restarted run resumes from the newest readable checkpoint at the exact data position (README: Training).
 """
 
 import gc

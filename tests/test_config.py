@@ -150,4 +150,4 @@ def test_start_up_line_shows_only_what_differs_from_the_defaults() -> None:
 
     assert changed_settings(load_config([])) == "all defaults"
     line = changed_settings(load_config(["--lr", "0.001", "--model.config-overrides.num-hidden-layers", "2"]))
-    assert line == 'model.config_overrides={"num_hidden_layers": 2}, optim.lr=0.001'
+    assert line == '{"model": {"config_overrides": {"num_hidden_layers": 2}}, "optim": {"lr": 0.001}}'
