@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, greedy
+from transformers.utils.import_utils import is_serve_available
 
 from lacuna.chat import chat
 from lacuna.errors import LacunaError
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
+needs_serve = pytest.mark.skipif(not is_serve_available(), reason="no serve extra: pip install -e '.[serve]'")
 
 
 def dcp_checkpoint(export: Path, root: Path) -> Path:
@@ -46,6 +48,7 @@ def saved_chat(directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@needs_serve
 def test_a_checkpoint_is_exported_served_and_chatted_with_then_the_server_stops(export: Path, tmp_path: Path):
     checkpoint = dcp_checkpoint(export, tmp_path)
     # each reply runs to the token limit, and `transformers chat` then asks whether to go on: "n"
@@ -88,6 +91,7 @@ def test_missing_models_and_servers_are_one_line_errors(tmp_path: Path) -> None:
         chat(base_url=unreachable)
 
 
+@needs_serve
 def test_a_folder_that_is_not_a_model_is_a_server_that_does_not_start(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import greedy
-from test_chat import dcp_checkpoint, lacuna_chat, saved_chat
+from test_chat import dcp_checkpoint, lacuna_chat, needs_serve, saved_chat
 
 from lacuna.chat import serve
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"), needs_serve]  # dcp.save: 1 process
 
 
 @pytest.fixture(scope="module")
