@@ -39,7 +39,8 @@ def serve(model: Path, log: Path) -> Iterator[str]:
         deadline = time.monotonic() + 600  # a large model loads before the server listens
         while not (url := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())):
             if server.poll() is not None or time.monotonic() > deadline:
-                last = (re.findall(r"^\w+(?:Error|Exception): .*", log.read_text(), re.MULTILINE) or ["no error"])[-1]
+                text = log.read_text()  # its error line, else its last line
+                last = (re.findall(r"(?m)^[\w.]+(?:Error|Exception): .*", text) or text.splitlines() or [""])[-1]
                 raise LacunaError(f"`transformers serve` did not start for '{model}': {last[:300]}: {WHERE_TO_FIND}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.wait(0.5)  # returns at once if the server exits
