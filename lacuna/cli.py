@@ -127,11 +127,9 @@ def export(
 def chat(
     flags: Annotated[list[str] | None, typer.Argument(
         help="More `generate` flags, as `transformers chat` takes them: repetition_penalty=1.1 ...")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="HF export folder or DCP checkpoint, served by `transformers serve` for the chat; with --base-url, "
-        "the server's model (default: the first it lists).")] = None,
-    base_url: Annotated[str | None, typer.Option(
-        help="A running `transformers serve`: http://127.0.0.1:8000/v1 (no server is started).")] = None,
+    model: Annotated[str | None, typer.Option(help="HF export folder or DCP checkpoint, served for the chat; with "
+                                              "--base-url, the server's model (default: the first it lists).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="A running `transformers serve`: http://host:8000/v1")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = TEMPERATURE,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = TOP_P,
