@@ -41,8 +41,7 @@ class EncodedBatch(NamedTuple):
 
 @dataclass
 class Conversation:
-    """A chat record as the template sees it: messages, the `tools` variable, other template variables, and the
-    assistant messages left out of the loss (train: false or weight: 0; --assistant-turns last)."""
+    """A chat record as the template sees it, with the assistant messages left out of the loss (`excluded`)."""
 
     messages: list[dict[str, Any]]
     tools: list | None

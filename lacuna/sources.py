@@ -66,9 +66,8 @@ def local_files(spec: str) -> list[Path] | None:
 
 
 def read_error(source: Source, error: Exception) -> LacunaError:
-    reason = first_line(error)
     hint = "check the files" if source.files else "check the name, --subset, --split (offline: cached datasets only)"
-    return LacunaError(f"cannot read dataset '{source.spec}' ({reason}): {hint}")
+    return LacunaError(f"cannot read dataset '{source.spec}' ({first_line(error)}): {hint}")
 
 
 def load_source(source: Source, settings: PrepareConfig) -> Source:
