@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from lacuna.config import Config, to_toml
 from lacuna.errors import LacunaError, first_line
-from lacuna.files import replace_directory
+from lacuna.files import exclusive_lock, replace_directory
 from lacuna.loader import DataPosition
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -257,17 +257,27 @@ class Checkpointer:
 
 def export(checkpoint: Path, out: Path, overwrite: bool = False) -> None:
     """Write `checkpoint` as an HF folder (weights, config, sampling generation config, tokenizer, chat template),
-    replacing `out` atomically; a folder lacuna did not export is replaced only with `overwrite`."""
+    holding the lock on `out` and replacing it atomically; a folder lacuna did not export only with `overwrite`."""
+    meta = read_meta(checkpoint)
+    with exclusive_lock(out, "export"):
+        if out.exists() and not overwrite and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+            raise LacunaError(f"'{out}' already holds files lacuna did not export (a model folder?): pass a new "
+                              "--out, or --overwrite to replace it")
+        temporary = out.with_name(f".{out.name}.lacuna-export")  # a killed export's is removed by the next one
+        shutil.rmtree(temporary, ignore_errors=True)
+        save_pretrained(checkpoint, meta, temporary)
+        (temporary / EXPORT_MARKER).write_text(json.dumps({"checkpoint": checkpoint.name, "step": meta["step"]}))
+        replace_directory(temporary, out)
+
+
+def save_pretrained(checkpoint: Path, meta: dict[str, Any], out: Path) -> None:
+    """The checkpoint's model, generation config, tokenizer and chat template as an HF folder at `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lacuna.chat_templates import load_template
     from lacuna.config import TEMPERATURE, TOP_P, load_config
     from lacuna.model import model_configuration
 
-    meta = read_meta(checkpoint)
-    if out.exists() and not overwrite and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise LacunaError(f"'{out}' already holds files lacuna did not export (a model folder?): pass a new --out, "
-                          "or --overwrite to replace it")
     config = load_config(["@", str(checkpoint / "config.toml")])
     # architecture only: every weight comes from the checkpoint, so reading the original weights would be wasted
     model = AutoModelForCausalLM.from_config(model_configuration(config), dtype=torch.float32,
@@ -286,9 +296,5 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False) -> None:
                                               trust_remote_code=config.model.trust_remote_code)
     if meta.get("mode") == "sft":
         tokenizer.chat_template = load_template(config.prepare.chat_template, tokenizer)
-    temporary = out.with_name(f".{out.name}.export-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    (temporary / EXPORT_MARKER).write_text(json.dumps({"checkpoint": checkpoint.name, "step": meta["step"]}) + "\n")
-    replace_directory(temporary, out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -141,7 +141,10 @@ def test_a_rerun_after_a_kill_during_the_export_exports(trained: dict[str, Path]
     rerun = trained["root"] / "export-killed"
     shutil.copytree(trained["run"], rerun)
     shutil.rmtree(rerun / "export")  # the export is written beside and renamed in: a kill leaves none
+    (rerun / ".export.lacuna-export").mkdir()  # but the half-written folder beside it
+    (rerun / ".export.lacuna-export/model.safetensors").write_bytes(b"half")
     main(run_arguments(trained["data"], trained["model"], rerun))
+    assert sorted(path.name for path in rerun.iterdir()) == ["checkpoints", "config.toml", "export", "metrics.jsonl"]
     assert "nothing to do: the run is already at step 4" in capsys.readouterr().out
     exported = (rerun / "export/model.safetensors").read_bytes()
     assert exported == (trained["run"] / "export/model.safetensors").read_bytes()
