@@ -22,6 +22,11 @@ from lacuna.files import check_writable, exclusive_lock, recover, replace_direct
 from lacuna.prepare import main
 from lacuna.shards import FORMAT, open_shards, write_shard
 
+# Children come from a forkserver: forking this test process itself, which has run torch, tokenizers and gloo
+# threads by then, can deadlock the child on a lock some other thread held at the fork.
+CHILDREN = multiprocessing.get_context("forkserver")
+CHILDREN.set_forkserver_preload(["test_faults"])
+
 HOLD = """import sys
 from lacuna.files import exclusive_lock
 with exclusive_lock(sys.argv[1], "test folder", sys.argv[2] or None):
@@ -95,7 +100,7 @@ def die_at_call(number: int, names: tuple[str, ...]) -> None:
 
 def killed_at(number: int, names: tuple[str, ...], function: Callable, *arguments: object) -> bool:
     """Run `function` in a forked child killed at the `number`-th call of os.`names`; whether it was killed."""
-    child = multiprocessing.get_context("fork").Process(target=run_killed, args=(number, names, function, arguments))
+    child = CHILDREN.Process(target=run_killed, args=(number, names, function, arguments))
     child.start()
     child.join(timeout=300)
     assert child.exitcode in (0, -signal.SIGKILL), child.exitcode
@@ -143,24 +148,24 @@ def test_faults_replace_directory_killed_at_every_rename_and_unlink_leaves_old_o
 
 def as_unprivileged(function: Callable, *arguments: object) -> str:
     """The one-line LacunaError that `function` raises in a child process without root's rights ('' if none)."""
-    reading, writing = os.pipe()
-    if (pid := os.fork()) == 0:
-        os.close(reading)
-        message = ""
-        try:
-            if os.geteuid() == 0:
-                os.setgid(65534), os.setuid(65534)  # nobody: root writes into read-only folders
-            function(*arguments)
-        except LacunaError as error:
-            message = str(error)
-        finally:
-            os.write(writing, message.encode())
-            os._exit(0)
-    os.close(writing)
-    with os.fdopen(reading) as pipe:
-        message = pipe.read()
-    os.waitpid(pid, 0)
+    receiving, sending = CHILDREN.Pipe(duplex=False)
+    child = CHILDREN.Process(target=run_unprivileged, args=(sending, function, arguments))
+    child.start()
+    message = receiving.recv()
+    child.join(timeout=60)
     return message
+
+
+def run_unprivileged(sending: object, function: Callable, arguments: tuple) -> None:
+    message = ""
+    try:
+        if os.geteuid() == 0:
+            os.setgid(65534), os.setuid(65534)  # nobody: root writes into read-only folders
+        function(*arguments)
+    except LacunaError as error:
+        message = str(error)
+    finally:
+        sending.send(message)
 
 
 def lock_and_write(target: Path) -> None:
@@ -252,8 +257,7 @@ def test_faults_prepare_overwrite_killed_at_each_write_phase_then_rerun_ends_com
     phases = []
     for number in range(1, 10):
         write_tree(out, old)
-        child = multiprocessing.get_context("fork").Process(target=prepare_killed_at,
-                                                            args=(number, [*common, "--seq-len", "128"], tmp_path))
+        child = CHILDREN.Process(target=prepare_killed_at, args=(number, [*common, "--seq-len", "128"], tmp_path))
         child.start()
         child.join(timeout=300)
         if child.exitcode == 0:
@@ -270,15 +274,15 @@ def test_faults_prepare_overwrite_killed_at_each_write_phase_then_rerun_ends_com
     assert phases == [["out", "out.partial"]] * 5 + [["out.lacuna-replaced", "out.partial"]], phases
 
 
-def prepare_paused_in_merge(arguments: list[str], reached: int, resume: int) -> None:
-    """Run prepare in this (child) process; at the merge, say so on `reached` and wait for a byte on `resume`."""
+def prepare_paused_in_merge(arguments: list[str], reached: object, resume: object) -> None:
+    """Run prepare in this (child) process; at the merge, set the `reached` event and wait for `resume`."""
     import lacuna.prepare
 
     real_merge = lacuna.prepare.merge
 
     def merge(*merge_arguments: object) -> object:
-        os.write(reached, b"1")
-        os.read(resume, 1)
+        reached.set()
+        resume.wait(300)
         return real_merge(*merge_arguments)
 
     lacuna.prepare.merge = merge
@@ -291,16 +295,15 @@ def test_faults_a_second_prepare_on_one_out_is_refused_naming_the_first(tmp_path
     out = tmp_path / "out"
     arguments = ["pretrain", "--dataset", str(tmp_path / "code.jsonl"), "--tokenizer", str(TOKENIZER), "--quiet",
                  "--seq-len", "64", "--out", str(out)]
-    reached, resume = os.pipe(), os.pipe()
-    first = multiprocessing.get_context("fork").Process(target=prepare_paused_in_merge,
-                                                        args=(arguments, reached[1], resume[0]))
+    reached, resume = CHILDREN.Event(), CHILDREN.Event()
+    first = CHILDREN.Process(target=prepare_paused_in_merge, args=(arguments, reached, resume))
     first.start()
-    assert os.read(reached[0], 1) == b"1"  # the first prepare is merging: its parts are written
+    assert reached.wait(300)  # the first prepare is merging: its parts are written
     with pytest.raises(LacunaError, match=rf"^prepare output '{out}' is being written by process {first.pid} on "
                                           rf"{socket.gethostname()} \(.*\): wait for it to end or stop it, or write "
                                           "elsewhere$"):
         main([*arguments, "--overwrite"])
-    os.write(resume[1], b"1")
+    resume.set()
     first.join(timeout=300)
     assert first.exitcode == 0 and open_shards(out).num_rows > 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["code.jsonl", "out"]  # no lock file left

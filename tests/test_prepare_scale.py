@@ -29,7 +29,7 @@ def prepare(mode: str, out: Path, processes: int, *arguments: str) -> dict:
     if processes == 1:
         main(command)
     else:
-        context = multiprocessing.get_context("fork")
+        context = multiprocessing.get_context("forkserver")  # a fork of this threaded process could deadlock
         started = [context.Process(target=main, args=([*command, "--shard-index", str(index), "--num-shards",
                                                        str(processes)],), daemon=True)  # none outlives a failure
                    for index in range(processes)]
