@@ -55,7 +55,6 @@ VOCAB = 512
 ROWS = [[7, 11, 6], [7, 13, 4]]
 PADDING_SEGMENT = 5
 # What `lacuna chat` reads in the chat tests: two conversations saved to {out}, with a /reset between them.
-SCRIPT = "hello\nwhat is 2+2?\n/save {out}\n/reset\nhello\n/save {out}\n/exit\n"
 
 
 def free_port() -> int:
@@ -266,18 +265,3 @@ def greedy(path: Path, messages: list[dict[str, str]], max_tokens: int) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def saved(path: Path) -> list[list[dict[str, str]]]:
-    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
-
-
-def check_conversations(conversations: list[list[dict[str, str]]], export: Path, max_tokens: int) -> None:
-    """Two saved conversations from SCRIPT under a system prompt: every reply is greedy on the history before it."""
-    first, second = conversations
-    assert [message["role"] for message in first] == ["system", "user", "assistant", "user", "assistant"]
-    assert [message["role"] for message in second] == ["system", "user", "assistant"]  # /reset keeps the system
-    assert first[0] == second[0] == {"role": "system", "content": "Be brief."}
-    assert first[2]["content"] and first[2]["content"] != first[4]["content"]
-    assert first[2]["content"] == greedy(export, first[:2], max_tokens)
-    assert first[4]["content"] == greedy(export, first[:4], max_tokens)
-    assert second[2] == first[2]
-    assert first[2]["content"] != greedy(export, first[1:2], max_tokens)  # the system prompt reached the model
