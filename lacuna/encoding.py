@@ -97,6 +97,13 @@ def chat_message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
     if calls is not None and not (isinstance(calls, list) and all(is_function_call(call) for call in calls)):
         raise LacunaError(f"{where}: tool_calls must be a list of function calls, e.g. [{{\"type\": \"function\", "
                           "\"function\": {\"name\": \"search\", \"arguments\": {\"query\": \"...\"}}}]: fix the record")
+    for function in (call.get("function", call) for call in calls or []):
+        if isinstance(function.get("arguments"), str):  # a template writes a string as is
+            try:
+                json.loads(function["arguments"])
+            except json.JSONDecodeError as error:
+                raise LacunaError(f"{where}: the arguments of tool call '{function['name']}' are not JSON "
+                                  f"({error.msg}): fix the record (an object, or a JSON string of one)") from None
     reasoning = next((converted[key] for key in REASONING_FIELDS if key in converted), None)
     if reasoning is not None:  # as transformers' _alias_reasoning_fields: templates read one name or the other
         converted = {"thinking": reasoning, **converted, "reasoning_content": reasoning}

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lacuna.prepare import load_tokenizer, print_report
-from lacuna.shards import SPLITS, Row, open_shards, read_manifest
+from lacuna.shards import Row, open_shards, read_manifest
 
 
 def row_segments(row: Row, tokenizer: Any) -> list[dict[str, Any]]:
@@ -29,9 +29,8 @@ def inspect(directory: Path, row: int | None = None, split: str = "train", as_js
             verify: bool = False) -> None:
     """Print a prepared folder's stats and length histogram; `row` decodes one row; `verify` rechecks sha256."""
     manifest = read_manifest(Path(directory))
-    if verify:
-        for name in SPLITS:
-            open_shards(directory, name, verify=True)
+    for name in manifest["splits"]:  # opening checks every file's size (`verify`: its sha256), so none is truncated
+        open_shards(directory, name, verify=verify)
     segments = None
     if row is not None:
         segments = row_segments(open_shards(directory, split).row(row), load_tokenizer(manifest["tokenizer"]["name"]))

@@ -40,6 +40,9 @@ def parse_source(text: str) -> Source:
     try:
         weight = float(tail) if colon and name else None
     except ValueError:
+        if Path(name).suffix in LOCAL_BUILDERS or Path(name).exists():  # else a path or name with a colon
+            raise LacunaError(f"dataset weight in '{text}' is not a number: give one, e.g. --dataset {name}:0.5"
+                              ) from None
         name, weight = text, None
     if weight is not None and not weight > 0:
         raise LacunaError(f"dataset weight in '{text}' must be > 0, e.g. --dataset {name}:0.5")
@@ -66,6 +69,14 @@ def local_files(spec: str) -> list[Path] | None:
 
 
 def read_error(source: Source, error: Exception) -> LacunaError:
+    for file in source.files if source.files and source.files[0].suffix != ".parquet" else []:
+        with file.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    line.decode()
+                except UnicodeDecodeError as undecodable:
+                    return LacunaError(f"dataset '{source.spec}' file {file} line {number} is not UTF-8 (byte "
+                                       f"0x{line[undecodable.start]:02x}): save the file as UTF-8")
     hint = "check the files" if source.files else "check the name, --subset, --split (offline: cached datasets only)"
     return LacunaError(f"cannot read dataset '{source.spec}' ({first_line(error)}): {hint}")
 
@@ -83,7 +94,9 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
             # reordering them, which a chat template would render
             source.lines = all(file.suffix == ".jsonl" for file in source.files)
             builder = "text" if source.lines else LOCAL_BUILDERS[source.files[0].suffix]
-            options = {"sample_by": "document"} if builder == "text" and not source.lines else {}
+            options = {"sample_by": "document"} if builder == "text" else {}
+            if source.lines:  # utf-8-sig: a byte order mark that starts a file is not part of its first record
+                options = {"encoding": "utf-8-sig"}
             source.dataset = load_dataset(builder, data_files=[str(file) for file in source.files], split="train",
                                           streaming=settings.streaming, **options)
     except Exception as error:  # datasets raises many types; all mean "cannot read this source"

@@ -70,6 +70,10 @@ def test_reader_rejects_what_training_must_not_use(prepared: Path, tmp_path: Pat
     open_shards(copy)  # a flipped bit goes unnoticed without verification...
     with pytest.raises(LacunaError, match="train-00000-00000.tokens.npy' fails its sha256 check"):
         inspect(copy, row=None, split="train", as_json=True, verify=True)  # ...and is caught with it
+    val_tokens = next(copy.glob("val-*.tokens.npy"))
+    val_tokens.write_bytes(val_tokens.read_bytes()[:-1])
+    with pytest.raises(LacunaError, match=r"val-.*\.tokens\.npy' is truncated"):  # every split's files are opened
+        inspect(copy, row=None, split="train", as_json=False, verify=False)
     with pytest.raises(LacunaError, match="row 99999 is out of range"):
         shards.row(99999)
     with pytest.raises(LacunaError, match="split 'test' is not in"):

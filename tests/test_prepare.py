@@ -277,6 +277,8 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
     lines = [json.dumps(record) for record in chat_records(0)[:3]]
     malformed = tmp_path / "malformed.jsonl"
     malformed.write_text("\n".join([lines[0], lines[1], lines[2][:-5], ""]))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes("\n".join([lines[0], lines[1].replace("prime", "prim\u00e9")]).encode("latin-1"))
     untagged = DATA / "models" / "SmolLM2-config" / "chat_template.jinja"
     (tmp_path / "exists").mkdir()
     (tmp_path / "a-file").write_text("")
@@ -286,6 +288,9 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
         (["sft", "--dataset", str(good), "--messages-field", "chat"],
          "has neither 'chat' nor 'prompt' and 'completion'.*--messages-field"),
         (["sft", "--dataset", str(malformed)], "malformed.jsonl' record #3: malformed JSON"),
+        (["sft", "--dataset", str(latin)], "latin.jsonl line 2 is not UTF-8 \\(byte 0xe9\\): save the file as UTF-8"),
+        (["sft", "--dataset", str(latin), "--streaming"], "latin.jsonl line 2 is not UTF-8"),
+        (["sft", "--dataset", f"{good}:abc"], "weight in .*good.jsonl:abc' is not a number: .*good.jsonl:0.5"),
         (["sft", "--dataset", str(good), "--chat-template", str(untagged)], "no {% generation %} tags"),
         (["sft", "--dataset", str(good), "--tokenizer", "no-such-org/no-such-tokenizer"], "cannot load tokenizer"),
         (["sft", "--dataset", "no-such-org/no-such-dataset"], "cannot read dataset 'no-such-org/no-such-dataset'"),
@@ -307,6 +312,16 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capfd: pytest.Captu
     with pytest.raises(LacunaError, match="does not fit in uint32"):
         token_dtype(2**32 + 1)
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_a_byte_order_mark_starting_a_file_is_not_part_of_its_first_record(tmp_path: Path) -> None:
+    text = "".join(json.dumps(record) + "\n" for record in chat_records(0)[:3])
+    (tmp_path / "plain.jsonl").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text(text, encoding="utf-8-sig")
+    for name in ("plain", "bom"):
+        prepare("sft", tmp_path / name, "--dataset", str(tmp_path / f"{name}.jsonl"))
+    assert {name: data for name, data in files(tmp_path / "bom").items() if name != "manifest.json"} == {
+        name: data for name, data in files(tmp_path / "plain").items() if name != "manifest.json"}
 
 
 def test_overwrite_replaces_and_cli_error_is_one_line(tmp_path: Path) -> None:

@@ -299,6 +299,8 @@ BAD_RECORDS = {
                               "tool_calls must be a list of function calls"),
     "call without a name": ({"messages": [USER, {"role": "assistant", "tool_calls": [{"function": {}}]}]},
                             "tool_calls must be a list of function calls"),
+    "arguments not JSON": ({"messages": [USER, {"role": "assistant", "tool_calls": [call("weather", "{city: Paris")]}]},
+                           "the arguments of tool call 'weather' are not JSON"),
     "function_call not JSON": ({"conversations": [{"from": "human", "value": "Hi"},
                                                   {"from": "function_call", "value": "search(x)"}]},
                                "tool_calls must be a list of function calls"),
