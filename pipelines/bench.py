@@ -54,10 +54,11 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
     import trl
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     from bench_train import compute_dtype
+
+    from lacuna.machine import cpu_model
+
+    cpu = cpu_model()
 
     dtype, reason = compute_dtype()
     return {"cpu": cpu, "dtype": dtype, "dtype_reason": reason, "cores": os.cpu_count(), "threads": THREADS,
@@ -99,7 +100,7 @@ def main() -> None:
     arguments = parser.parse_args()
     chosen = [section for section in SECTIONS if section in arguments.only.split(",")]
     if not (TOKENIZER / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, "-m", "lacuna.assets"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "pipelines/assets.py"], cwd=ROOT, check=True)
     import bench_prepare
     import bench_train
     import torch

@@ -755,12 +755,9 @@ def part_resume(trainer: Trainer) -> tuple[list[Row], dict[str, Any]]:
 
 
 def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    return f"CPU {model or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+    from lacuna.machine import cpu_model
+
+    return f"CPU {cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def describe_environment(device: torch.device, scale: Scale) -> dict[str, Any]:
