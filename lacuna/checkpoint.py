@@ -72,11 +72,6 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return [path for path in checkpoint_folders(directory) if (path / "meta.json").is_file()]
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint folder was saved at, from its name."""
-    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
-
-
 def check_files(checkpoint: Path, meta: dict[str, Any]) -> None:
     """Raise OSError when a file recorded at save time is missing or has another size (a truncated copy)."""
     for name, size in meta.get("files", {}).items():
@@ -171,7 +166,8 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 @dataclass
 class Start:
-    """Where a run starts: the checkpoint it resumed from (None: step 0), its step and data position."""
+    """Where a run starts: the checkpoint it resumed from (None: step 0), its step and data position, the saving
+    run's global batch and world size, and what the resume skipped or changed (for the start-up lines)."""
 
     checkpoint: Path | None = None
     step: int = 0
@@ -179,7 +175,6 @@ class Start:
     global_batch_rows: int | None = None
     world_size: int | None = None
     notes: list[str] = field(default_factory=list)
-    """What the resume skipped or changed, for the start-up line."""
 
 
 class Checkpointer:
@@ -227,7 +222,7 @@ class Checkpointer:
     def refuse_later(self, step: int) -> None:
         """Refuse to start at `step` in a run folder holding checkpoints from later steps (they would be mixed up)."""
         later = [path for path in complete_checkpoints(self.directory)
-                 if checkpoint_step(path) > step and path not in self.skipped]
+                 if int(path.name.split("-")[1]) > step and path not in self.skipped]
         if later:
             raise LacunaError(f"run folder '{self.config.run_dir}' holds checkpoints after step {step} (newest "
                               f"{later[-1]}): pass a new --run-dir, or --resume latest to continue it")

@@ -45,11 +45,8 @@ class Batch:
 
 
 class StepBatches(NamedTuple):
-    """One optimizer step's data on this rank."""
-
-    batches: list[Batch]
-    supervised_total: int
-    """Supervised tokens of the whole global batch (all ranks): the loss's denominator."""
+    batches: list[Batch]  # this rank's micro-batches of one optimizer step
+    supervised_total: int  # supervised tokens of the whole global batch (all ranks): the loss's denominator
 
 
 @dataclass
