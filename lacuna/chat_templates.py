@@ -103,9 +103,8 @@ class GenerationSpans(Extension):
 
 @lru_cache(maxsize=4)
 def compile_template(source: str) -> Template:
-    """`source` compiled in the sandboxed environment of transformers' `apply_chat_template`, with its options,
-    filters and globals (taken from transformers itself), so both render the same text; generation blocks leave
-    span marks (GenerationSpans)."""
+    """`source` compiled as transformers' `apply_chat_template` compiles it (its sandbox, options, filters and
+    globals), so both render the same text, with generation blocks leaving span marks (GenerationSpans)."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     reference = _compile_jinja_template("").environment

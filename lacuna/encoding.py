@@ -233,9 +233,8 @@ class Encoder:
         return tokens, np.ones(len(tokens), np.uint8), lengths
 
     def sft_documents(self, numbered: list[tuple[int, Any]], where: str, check: bool = False) -> tuple[Any, ...]:
-        """Chat-template rendering with assistant spans, one batched tokenization, and the spans mapped to tokens as
-        transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` does: a token is supervised when
-        its character offsets overlap a span."""
+        """Rendering with assistant spans, one batched tokenization, and a token supervised when its characters
+        overlap a span, as transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` decides."""
         if self.renderer is None:
             variables = {**self.tokenizer.special_tokens_map, "documents": None, "add_generation_prompt": False}
             self.renderer = Renderer(self.template, variables)

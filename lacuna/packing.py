@@ -7,13 +7,9 @@ from jaxtyping import Int
 
 
 def best_fit_decreasing(lengths: Int[np.ndarray, " items"], capacity: int) -> list[list[int]]:
-    """Pack items (lengths <= capacity) into rows; returns each row's item indices in placement order.
-
-    Items go longest first (ties: lower index first), each into the open row whose remaining space is the
-    smallest that still fits it, else into a new row. Open rows are bucketed by remaining space (a stack
-    per value, the most recently touched row first) and the distinct values are kept sorted, so finding
-    the best row is a bisection over at most `capacity` values: O(n log capacity) overall.
-    """
+    """Pack items (lengths <= capacity) into rows; returns each row's item indices in placement order. Items go
+    longest first (ties: lower index first), each into the open row with the least space that fits it, else a new
+    row; open rows are stacked per remaining space (last touched first), the spaces kept sorted: O(n log capacity)."""
     if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
         raise ValueError(f"item lengths must lie in 1..{capacity}")
     order = np.argsort(-np.asarray(lengths), kind="stable")

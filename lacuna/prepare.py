@@ -1,10 +1,6 @@
 """`lacuna prepare {pretrain,sft}`: a dataset becomes best-fit packed, memory-mapped shards (format: lacuna/shards.py).
-
-Two phases, so that any number of processes gives byte-identical output: process r of W (torchrun's RANK/WORLD_SIZE,
-or --shard-index/--num-shards, on a shared filesystem) tokenizes its share of every source (--num-proc workers
-share it) into OUT.partial/parts/part-r.*, a JSON marker last; once every part is there, it packs and writes its
-share of the packing groups (lacuna/writing.py), and the last process to finish renames OUT.partial to OUT.
-"""
+Process r of W (torchrun's, or --shard-index/--num-shards) tokenizes its share into OUT.partial/parts/part-r.*, then
+packs its share of the groups (lacuna/writing.py): the output is byte-identical whatever W and --num-proc."""
 
 import hashlib
 import json
@@ -32,6 +28,8 @@ from lacuna.sources import RecordBatch, Source, load_source, parse_source, recor
 from lacuna.writing import finished, merge, output_lock
 
 RUN_ONLY = {"num_proc", "out", "overwrite", "quiet", "shard_index", "num_shards", "streaming"}
+SUMMARY_KEYS = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped",
+                "empty_mask", "all_turns_excluded")
 
 
 ENCODER: Encoder | None = None  # set before forking --num-proc workers, which inherit it
@@ -56,7 +54,7 @@ def in_order(pool: Any, batches: Iterator, window: int) -> Iterator[EncodedBatch
 def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConfig, rank: int, world: int,
                   parts: Path, fingerprint: str) -> None:
     """Tokenize this process's slice of every source into parts/part-{rank}.*; the JSON marker goes last."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import MofNCompleteColumn, Progress, TextColumn
 
     global ENCODER
     ENCODER = encoder
@@ -64,11 +62,10 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
     per_document: list[list[np.ndarray]] = [[], []]
     runs, conversations = [], Counter()  # runs: [source, file, documents] in reading order
     shown = not settings.quiet and int(os.environ.get("LOCAL_RANK", 0)) == 0  # torchrun: one display per node
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-               TimeElapsedColumn())
     with (get_context("fork").Pool(settings.num_proc) if settings.num_proc > 1 else nullcontext() as pool,
           open(f"{stem}.tokens.bin", "wb") as tokens_file, open(f"{stem}.mask.bin", "wb") as mask_file,
-          Progress(*columns, disable=not shown) as progress):
+          Progress(*Progress.get_default_columns()[:2], MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+                   disable=not shown) as progress):
         for index, source in enumerate(sources):
             total = None if settings.streaming else -(-len(source.dataset) // world)
             task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
@@ -150,20 +147,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def chat_template(settings: PrepareConfig, tokenizer: Any, shown: bool) -> ChatTemplate | None:
-    """The SFT chat template (`choose_template`), checked; `shown`: print which one and why."""
-    if settings.mode == "pretrain":
-        return None
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which SFT "
-                          "masks need: pass a --tokenizer folder that has a tokenizer.json")
-    chosen = choose_template(settings.chat_template, tokenizer)
-    check_template(chosen.source, chosen.name)
-    if shown:
-        print(f"chat template: {chosen.name} ({chosen.reason})", flush=True)
-    return chosen
-
-
 def manifest_header(config: Config, tokenizer: Any, chosen: ChatTemplate | None, dtype: np.dtype) -> dict[str, Any]:
     """The manifest's fields besides shards and stats: format, shapes, tokenizer, chat template, settings."""
     settings = config.prepare
@@ -175,43 +158,29 @@ def manifest_header(config: Config, tokenizer: Any, chosen: ChatTemplate | None,
             "config": recorded_settings(config)}
 
 
-def histogram_lines(histogram: dict[str, list[int]], width: int = 40) -> list[str]:
-    edges, counts = histogram["edges"], histogram["counts"]
-    top = max(counts, default=0) or 1
-    lines = []
-    for (low, high), count in zip(pairwise(edges), counts, strict=True):
-        label = f"{low}" if high == low + 1 else f"{low}-{high - 1}"
-        lines.append(f"{label:>11} {'█' * round(width * count / top):<{width}} {count:,}")
-    return lines
-
-
 def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[str, Any]] | None, row: int | None,
                  split: str, verified: bool) -> None:
     """A prepared folder's stats and length histogram for people, with one decoded row's `segments` if given."""
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
-    console = Console()
-    stats = manifest["stats"]
-    table = Table(title=f"{directory}: {manifest['mode']}, seq_len {manifest['seq_len']}, {manifest['token_dtype']} "
-                        f"tokens, tokenizer {manifest['tokenizer']['name']}")
-    for column in ("split", "rows", "documents", "tokens", "supervised", "fill"):
-        table.add_column(column, justify="left" if column == "split" else "right")
+    console, stats = Console(highlight=False), {"all_turns_excluded": 0, **manifest["stats"]}
+    console.print(f"{directory}: {manifest['mode']}, seq_len {manifest['seq_len']}, {manifest['token_dtype']} tokens, "
+                  f"tokenizer {manifest['tokenizer']['name']}")
     for name, values in [*stats["splits"].items(), ("total", stats)]:
-        table.add_row(name, *(f"{values[key]:,}" for key in ("rows", "documents", "tokens", "supervised_tokens")),
-                      f"{values['fill']:.2%}")
-    console.print(table)
-    console.print("overlong split {split:,}, truncated {truncated:,}, dropped {dropped:,}, empty masks {empty_mask:,}"
-                  .format(**stats) + f", every turn left out {stats.get('all_turns_excluded', 0):,}")
+        console.print(f"{name:>5}: {values['rows']:,} rows, fill {values['fill']:.2%}, {values['documents']:,} "
+                      f"documents, {values['tokens']:,} tokens, {values['supervised_tokens']:,} supervised")
+    console.print("overlong split {split:,}, truncated {truncated:,}, dropped {dropped:,}, empty masks {empty_mask:,}, "
+                  "every turn left out {all_turns_excluded:,}".format(**stats))
     if counted := stats.get("conversations"):  # sft: by kind, and the turns left out of the loss
         console.print("conversations: " + ", ".join(f"{key.replace('_', ' ')} {n:,}" for key, n in counted.items()))
     for source in stats["sources"]:
         console.print(f"source {source['dataset']} (weight {source['weight']}): {source['documents']:,} documents, "
                       f"{source['train']:,} in train, {source['val']:,} in val")
-    console.print("segment lengths (tokens):")
-    for line in histogram_lines(stats["length_histogram"]):
-        console.print(line, highlight=False)
+    edges, counts = stats["length_histogram"]["edges"], stats["length_histogram"]["counts"]
+    bars = [f"{low:>5}-{high - 1:<5} {'█' * round(40 * count / (max(counts) or 1)):<40} {count:,}"
+            for (low, high), count in zip(pairwise(edges), counts, strict=True)]
+    console.print("segment lengths (tokens):", *bars, sep="\n")
     if verified:
         console.print("sha256 verified for every shard file", style="green")
     if segments is None:
@@ -223,15 +192,6 @@ def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[
         if not segment["padding"]:
             console.print(Text.assemble(*((text, "bold green" if supervised else "dim") for text, supervised
                                           in segment["runs"])))
-
-
-def summary(manifest: dict[str, Any], out: Path, quiet: bool) -> None:
-    stats = manifest["stats"]
-    if not quiet:
-        return print_report(manifest, out, None, None, "train", False)
-    keys = ("documents", "tokens", "supervised_tokens", "rows", "fill", "split", "truncated", "dropped", "empty_mask",
-            "all_turns_excluded")
-    print(f"wrote {out}: " + ", ".join(f"{key} {stats[key]:,}" for key in keys), flush=True)
 
 
 def prepare(config: Config) -> dict[str, Any] | None:
@@ -256,7 +216,15 @@ def locked_prepare(config: Config) -> dict[str, Any] | None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
     tokenizer = load_tokenizer(settings.tokenizer, config.model.trust_remote_code)
-    chosen = chat_template(settings, tokenizer, shown=not settings.quiet and rank == 0)
+    chosen = None
+    if settings.mode == "sft":
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which SFT "
+                              "masks need: pass a --tokenizer folder that has a tokenizer.json")
+        chosen = choose_template(settings.chat_template, tokenizer)
+        check_template(chosen.source, chosen.name)
+        if not settings.quiet and rank == 0:
+            print(f"chat template: {chosen.name} ({chosen.reason})", flush=True)
     dtype = token_dtype(len(tokenizer))
     sources = [load_source(source, settings) for source in sources]
     header = manifest_header(config, tokenizer, chosen, dtype)
@@ -281,7 +249,10 @@ def locked_prepare(config: Config) -> dict[str, Any] | None:
         if world == 1:
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    summary(manifest, out, settings.quiet)
+    if settings.quiet:
+        print(f"wrote {out}: " + ", ".join(f"{key} {manifest['stats'][key]:,}" for key in SUMMARY_KEYS), flush=True)
+    else:
+        print_report(manifest, out, None, None, "train", False)
     return manifest
 
 
