@@ -1,7 +1,6 @@
 """Training observability: peak flops for MFU, memory, and the rank-0 logger (console, metrics.jsonl, wandb)."""
 
 import json
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lacuna.files import write_atomically
 from lacuna.machine import native_bfloat16_flags
 
 # Dense bf16 tensor-core peak in TFLOPS, matched as a substring of torch.cuda.get_device_name().
@@ -121,12 +121,9 @@ class Interval:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records after `last_step` (written by a run that died after its last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:
