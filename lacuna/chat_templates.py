@@ -50,11 +50,6 @@ def choose_template(path: str | Path | None, tokenizer: Any) -> ChatTemplate:
                       "...{% endgeneration %} tags")
 
 
-def load_template(path: str | Path | None, tokenizer: Any) -> str:
-    """The source of `choose_template(path, tokenizer)`."""
-    return choose_template(path, tokenizer).source
-
-
 def has_generation_tags(template: str) -> bool:
     """True if `template` marks assistant output with {% generation %}...{% endgeneration %}."""
     return GENERATION_TAG.search(template) is not None

@@ -269,7 +269,7 @@ def save_pretrained(checkpoint: Path, meta: dict[str, Any], out: Path) -> None:
     """The checkpoint's model, generation config, tokenizer and chat template as an HF folder at `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
     from lacuna.config import TEMPERATURE, TOP_P, load_config
     from lacuna.model import model_configuration
 
@@ -290,6 +290,6 @@ def save_pretrained(checkpoint: Path, meta: dict[str, Any], out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer") or config.model.name,  # the data's tokenizer
                                               trust_remote_code=config.model.trust_remote_code)
     if meta.get("mode") == "sft":
-        tokenizer.chat_template = load_template(config.prepare.chat_template, tokenizer)
+        tokenizer.chat_template = choose_template(config.prepare.chat_template, tokenizer).source
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

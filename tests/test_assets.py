@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import DATA, assets
 
-from lacuna.chat_templates import has_generation_tags, load_template
+from lacuna.chat_templates import choose_template, has_generation_tags
 from lacuna.errors import LacunaError
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -104,7 +104,7 @@ def test_materialize_is_idempotent(data: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_chatml_mask_covers_exactly_assistant_replies(tokenizer) -> None:
-    template = load_template(None, tokenizer)
+    template = choose_template(None, tokenizer).source
     assert has_generation_tags(template) and not has_generation_tags(tokenizer.chat_template)
     encoded = tokenizer.apply_chat_template(
         CONVERSATION, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -116,7 +116,7 @@ def test_chatml_mask_covers_exactly_assistant_replies(tokenizer) -> None:
 
 
 def test_chatml_renders_like_stock_smollm2(tokenizer) -> None:
-    template = load_template(None, tokenizer)
+    template = choose_template(None, tokenizer).source
     stock = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     with_system = [{"role": "system", "content": SMOLLM_SYSTEM}, *CONVERSATION]
     assert tokenizer.apply_chat_template(with_system, chat_template=template, tokenize=False) == stock
@@ -138,7 +138,7 @@ def test_llama3_renders_and_masks(data: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(data / "models" / assets.MODEL_NAME)
     tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>"})
     tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
-    template = load_template(None, SimpleNamespace(get_vocab=lambda: {"<|start_header_id|>": 0}))
+    template = choose_template(None, SimpleNamespace(get_vocab=lambda: {"<|start_header_id|>": 0})).source
     assert has_generation_tags(template)
     messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
     rendered = tokenizer.apply_chat_template(
@@ -162,13 +162,13 @@ def test_llama3_renders_and_masks(data: Path) -> None:
     ]
 
 
-def test_load_template_paths_and_errors(tmp_path: Path) -> None:
+def test_choose_template_paths_and_errors(tmp_path: Path) -> None:
     custom = tmp_path / "custom.jinja"
     custom.write_text("{% generation %}{{ messages[0].content }}{% endgeneration %}")
-    assert load_template(custom, None) == custom.read_text()
+    assert choose_template(custom, None).source == custom.read_text()
     with pytest.raises(LacunaError, match="cannot read chat template"):
-        load_template(tmp_path / "missing.jinja", None)
+        choose_template(tmp_path / "missing.jinja", None)
     with pytest.raises(LacunaError, match="--chat-template PATH") as raised:
-        load_template(None, SimpleNamespace(get_vocab=lambda: {"<s>": 0, "</s>": 1}))
+        choose_template(None, SimpleNamespace(get_vocab=lambda: {"<s>": 0, "</s>": 1}))
     assert "\n" not in str(raised.value)
-    assert "<|im_start|>" in load_template(None, SimpleNamespace(get_vocab=lambda: {"<|im_start|>": 0}))
+    assert "<|im_start|>" in choose_template(None, SimpleNamespace(get_vocab=lambda: {"<|im_start|>": 0})).source

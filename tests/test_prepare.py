@@ -29,9 +29,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def template(tokenizer) -> str:
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
-    return load_template(None, tokenizer)
+    return choose_template(None, tokenizer).source
 
 
 def chat_records(count: int) -> list[dict]:

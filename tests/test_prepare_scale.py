@@ -86,14 +86,14 @@ def test_grouped_packing_keeps_fill_within_0_1_percent_on_the_embedded_sets_x10(
     """The default --pack-group-tokens against one global best-fit, on the real chat and stdlib sets ×10."""
     from transformers import AutoTokenizer
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
     from lacuna.config import PrepareConfig
 
     materialize(DATA)
     tokenizer = AutoTokenizer.from_pretrained(DATA / "models" / "SmolLM2-135M-Instruct")
     chats = [json.loads(line)["messages"] for line in (DATA / "corpus" / "chat.jsonl").open()]
     texts = [json.loads(line)["text"] for line in (DATA / "corpus" / "stdlib.jsonl").open()]
-    chat = tokenizer.apply_chat_template(chats, chat_template=load_template(None, tokenizer), return_dict=True)
+    chat = tokenizer.apply_chat_template(chats, chat_template=choose_template(None, tokenizer).source, return_dict=True)
     sets = {"chat": [len(ids) for ids in chat["input_ids"]],
             "stdlib": [len(ids) + 2 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]}  # BOS, EOS
     seq_len, group_tokens = 2048, PrepareConfig().pack_group_tokens

@@ -129,10 +129,10 @@ def test_packaged_templates_equal_transformers_on_tool_and_reasoning_records(tmp
                                                                               ) -> None:
     from transformers import AutoTokenizer
 
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizers[family])
-    template = load_template(None, tokenizer)
+    template = choose_template(None, tokenizer).source
     assert template == (Path(__file__).parents[1] / "lacuna" / "templates" / f"{family}.jinja").read_text()
     records = tool_records(parallel_calls=family != "llama3")
     dataset = write_jsonl(tmp_path / "tools.jsonl", records)
@@ -243,9 +243,9 @@ def test_any_generation_tagged_template_equals_transformers_and_prefix_warning(t
 
 
 def test_end_of_turn_token_outside_the_generation_block_is_an_error(tmp_path: Path, tokenizers) -> None:
-    from lacuna.chat_templates import load_template
+    from lacuna.chat_templates import choose_template
 
-    chatml = load_template(Path(__file__).parents[1] / "lacuna" / "templates" / "chatml.jinja", None)
+    chatml = choose_template(Path(__file__).parents[1] / "lacuna" / "templates" / "chatml.jinja", None).source
     outside = chatml.replace("{{- '<|im_end|>' -}}{%- endgeneration -%}", "{%- endgeneration -%}{{- '<|im_end|>' -}}")
     assert outside != chatml
     (tmp_path / "outside.jinja").write_text(outside)
