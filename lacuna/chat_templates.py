@@ -84,8 +84,7 @@ class SpanMarks:
 
 
 class GenerationSpans(Extension):
-    """`{% generation %}body{% endgeneration %}` renders as SPAN_START body SPAN_END: the assistant spans are found
-    in the rendered text afterwards, with no per-block bookkeeping while rendering."""
+    """`{% generation %}body{% endgeneration %}` renders as SPAN_START body SPAN_END, found in the text afterwards."""
 
     tags = {"generation"}
 

@@ -1,5 +1,4 @@
-"""Records become documents: the chat-record rules (roles, message and conversation fields, loss control),
-chat-template rendering with assistant spans, batched tokenization and the loss mask, and each document's status."""
+"""Records become documents: chat-record rules, rendering with assistant spans, tokens, loss mask and status."""
 
 import json
 from bisect import bisect_right
@@ -50,16 +49,6 @@ class Conversation:
     counts: tuple[int, ...]  # one per KINDS
 
 
-def text_of_parts(parts: list, role: str, where: str) -> str:
-    """A list of content parts as one string: the text parts joined in order (lacuna trains text models)."""
-    for part in parts:
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise LacunaError(f"{where}: a {role} message has a {kind!r} content part, but lacuna trains text "
-                              "models: keep only {\"type\": \"text\", \"text\": ...} parts, or remove the record")
-    return "".join(part["text"] for part in parts)
-
-
 def parsed(text: Any, otherwise: Any) -> Any:
     try:
         return json.loads(text)
@@ -88,8 +77,13 @@ def chat_message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
         converted["tool_calls"] = [{"type": "function", "function": call}
                                    for call in (calls if isinstance(calls, list) else [calls])]
     content = converted.get("content")
-    if isinstance(content, list):
-        converted["content"] = content = text_of_parts(content, role, where)
+    if isinstance(content, list):  # content parts: the text ones joined in order (lacuna trains text models)
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise LacunaError(f"{where}: a {role} message has a {kind!r} content part, but lacuna trains text "
+                                  "models: keep only {\"type\": \"text\", \"text\": ...} parts, or remove the record")
+        converted["content"] = content = "".join(part["text"] for part in content)
     if not isinstance(content, str) and (content is not None or converted["role"] != "assistant"
                                          or "tool_calls" not in converted):
         raise LacunaError(f"{where}: a {role} message has no text content: fix or remove the record")
@@ -216,11 +210,9 @@ class Encoder:
             if not isinstance(record, str):
                 raise LacunaError(f"{where.format(number)}: text is {type(record).__name__}, not a string: fix or "
                                   "remove the record")
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:  # the same encode_batch transformers calls, minus its offsets and Python wrapping
-            ids = [encoding.ids for encoding in backend.encode_batch_fast(records, add_special_tokens=False)]
-        else:
-            ids = self.tokenizer(records, add_special_tokens=False, verbose=False)["input_ids"]
+        # the same encode_batch transformers calls, minus its offsets and Python wrapping
+        encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(records, add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         lengths = np.array([len(sequence) for sequence in ids], np.int64) + 1 + (bos is not None)
         ends = np.cumsum(lengths)
@@ -279,22 +271,17 @@ class Encoder:
         try:
             marked = self.renderer.render(chat.messages, chat.tools, chat.variables)
             text, blocks = split_spans(marked)
-            return text, marked, trained_spans(self.renderer, chat, marked, blocks) if chat.excluded else [
-                (start, end) for _, start, end in blocks]
+            return text, marked, trained_spans(self.renderer, chat, marked, blocks)
         except RenderError as error:
             raise LacunaError(f"{where}: {error}") from None
 
     def check_template(self, chats: list[Conversation], marked_texts: list[str], numbered: list) -> tuple[int, int]:
-        """The template checks on the first CHECKED_RECORDS records (whatever the batches or processes): an
-        end-of-turn token left after a generation block is an error (the model would never learn to stop); returns
-        (multi-turn conversations checked, those whose earlier turns render differently once later turns follow)."""
+        """Refuse end-of-turn tokens after generation blocks; count (multi-turn checked, not prefix-preserving)."""
         special = [token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special]
         end_tokens = end_of_turn_tokens(self.renderer, special) or {self.tokenizer.eos_token}
         checked, differing = 0, 0
         for (number, _), chat, marked in zip(numbered, chats, marked_texts, strict=True):
-            if number > CHECKED_RECORDS:
-                break
-            if marked is None:  # plain text: no template
+            if number > CHECKED_RECORDS or marked is None:  # marked is None: plain text, no template
                 continue
             for piece in marked.split(SPAN_START)[1:]:
                 inside, _, after = piece.partition(SPAN_END)
@@ -322,8 +309,7 @@ class Encoder:
 
     def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None
                ) -> tuple[np.ndarray, ...]:
-        """Mask each document's first token, apply --overlong, mark documents without targets (EXCLUDED: every
-        turn left out); returns the kept tokens and masks (concatenated) with each document's kept length and status."""
+        """Mask document starts, apply --overlong, set statuses; returns kept tokens, masks, lengths, statuses."""
         starts = np.cumsum(lengths) - lengths
         masks[starts[lengths > 0]] = 0  # no target across a document boundary
         status, kept = np.full(len(lengths), DocumentStatus.KEPT, np.int8), lengths.copy()
@@ -331,11 +317,8 @@ class Encoder:
             overlong = lengths > self.seq_len
             status[overlong] = DocumentStatus.TRUNCATED if self.overlong == "truncate" else DocumentStatus.DROPPED
             kept[overlong] = self.seq_len if self.overlong == "truncate" else 0
-        has_target, positive = np.zeros(len(lengths), bool), lengths > 0
-        if positive.any():
-            has_target[positive] = np.maximum.reduceat(masks, starts[positive]) > 0
-        for index in np.flatnonzero((kept > 0) & (kept < lengths)):  # truncated: only the kept part counts
-            has_target[index] = masks[starts[index]:starts[index] + kept[index]].any()
+        supervised_before = np.concatenate([[0], np.cumsum(masks, dtype=np.int64)])
+        has_target = supervised_before[starts + kept] > supervised_before[starts]  # truncated: the kept part counts
         empty = (status != DocumentStatus.DROPPED) & ~has_target
         status[empty], kept[empty] = DocumentStatus.EMPTY, 0
         if excluded is not None:

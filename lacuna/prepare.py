@@ -1,6 +1,5 @@
-"""`lacuna prepare {pretrain,sft}`: a dataset becomes best-fit packed, memory-mapped shards (format: lacuna/shards.py).
-Process r of W (torchrun's, or --shard-index/--num-shards) tokenizes its share into OUT.partial/parts/part-r.*, then
-packs its share of the groups (lacuna/writing.py): the output is byte-identical whatever W and --num-proc."""
+"""`lacuna prepare {pretrain,sft}`: process r of W tokenizes its share into OUT.partial/parts/part-r.*, then packs its
+share of the groups (lacuna/writing.py) into shards (lacuna/shards.py), byte-identical whatever W and --num-proc."""
 
 import hashlib
 import json
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lacuna.chat_templates import ChatTemplate, check_template, choose_template
+from lacuna.chat_templates import check_template, choose_template
 from lacuna.config import Config, PrepareConfig, load_config
 from lacuna.encoding import EncodedBatch, Encoder
 from lacuna.errors import LacunaError, run_main
@@ -61,11 +60,10 @@ def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConf
     stem = parts / f"part-{rank:05d}"
     per_document: list[list[np.ndarray]] = [[], []]
     runs, conversations = [], Counter()  # runs: [source, file, documents] in reading order
-    shown = not settings.quiet and int(os.environ.get("LOCAL_RANK", 0)) == 0  # torchrun: one display per node
     with (get_context("fork").Pool(settings.num_proc) if settings.num_proc > 1 else nullcontext() as pool,
           open(f"{stem}.tokens.bin", "wb") as tokens_file, open(f"{stem}.mask.bin", "wb") as mask_file,
           Progress(*Progress.get_default_columns()[:2], MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-                   disable=not shown) as progress):
+                   disable=settings.quiet or int(os.environ.get("LOCAL_RANK", 0)) != 0) as progress):  # one per node
         for index, source in enumerate(sources):
             total = None if settings.streaming else -(-len(source.dataset) // world)
             task = progress.add_task(f"tokenize {source.spec}", total=total, speed="")
@@ -104,33 +102,10 @@ def wait_for_parts(markers: list[Path], fingerprint: str, patience: float = 600)
         time.sleep(1)
 
 
-def process_slot(settings: PrepareConfig) -> tuple[int, int]:
-    """(rank, world): --shard-index/--num-shards, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    index, count = settings.shard_index, settings.num_shards
-    if index is not None or count is not None:
-        if index is None or count is None or not 0 <= index < count:
-            raise LacunaError("--shard-index I and --num-shards N go together, with 0 <= I < N")
-        return index, count
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def recorded_settings(config: Config) -> dict[str, Any]:
     """The [prepare] settings a manifest records (those that shape the output), with the tokenizer resolved."""
     settings = config.prepare.model_copy(update={"tokenizer": config.prepare.tokenizer or config.model.name})
     return settings.model_dump(mode="json", exclude=RUN_ONLY)
-
-
-def check_settings(config: Config) -> tuple[PrepareConfig, Path, list[Source]]:
-    settings = config.prepare
-    settings.tokenizer = settings.tokenizer or config.model.name
-    out = Path(settings.out or config.data.path)
-    if not settings.dataset:
-        raise LacunaError("no dataset given: pass --dataset PATH_OR_NAME (or set dataset in [prepare])")
-    if out.exists() and not settings.overwrite:
-        raise LacunaError(f"output folder '{out}' already exists: pass --overwrite to replace it, or another --out")
-    if out.exists() and not out.is_dir():
-        raise LacunaError(f"--out '{out}' is a file, not a folder: pass another --out")
-    return settings, out, [parse_source(spec) for spec in settings.dataset]
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
@@ -145,17 +120,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     if tokenizer.eos_token_id is None:
         raise LacunaError(f"tokenizer '{name}' defines no EOS token: set eos_token in its tokenizer_config.json")
     return tokenizer
-
-
-def manifest_header(config: Config, tokenizer: Any, chosen: ChatTemplate | None, dtype: np.dtype) -> dict[str, Any]:
-    """The manifest's fields besides shards and stats: format, shapes, tokenizer, chat template, settings."""
-    settings = config.prepare
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    described = {"name": settings.tokenizer, "vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
-    return {**FORMAT, "seq_len": settings.seq_len, "token_dtype": dtype.name, "mode": settings.mode, "pad_id": pad_id,
-            "tokenizer": described, "chat_template": f"{chosen.name} ({chosen.reason})" if chosen else None,
-            "chat_template_hash": hashlib.sha256(chosen.source.encode()).hexdigest() if chosen else None,
-            "config": recorded_settings(config)}
 
 
 def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[str, Any]] | None, row: int | None,
@@ -195,15 +159,26 @@ def print_report(manifest: dict[str, Any], directory: Path, segments: list[dict[
 
 
 def prepare(config: Config) -> dict[str, Any] | None:
-    """Run this process's part of a prepare, holding the lock on --out; the last process to finish merges and returns
-    the manifest."""
+    """Run this process's part of a prepare, holding the lock on --out; the last to finish returns the manifest."""
     with output_lock(Path(config.prepare.out or config.data.path), config.prepare):  # before any work
         return locked_prepare(config)
 
 
 def locked_prepare(config: Config) -> dict[str, Any] | None:
-    settings, out, sources = check_settings(config)
-    rank, world = process_slot(settings)
+    settings, out = config.prepare, Path(config.prepare.out or config.data.path)
+    settings.tokenizer = settings.tokenizer or config.model.name
+    if not settings.dataset:
+        raise LacunaError("no dataset given: pass --dataset PATH_OR_NAME (or set dataset in [prepare])")
+    if out.exists() and not settings.overwrite:
+        raise LacunaError(f"output folder '{out}' already exists: pass --overwrite to replace it, or another --out")
+    if out.exists() and not out.is_dir():
+        raise LacunaError(f"--out '{out}' is a file, not a folder: pass another --out")
+    sources = [parse_source(spec) for spec in settings.dataset]
+    rank, world = settings.shard_index, settings.num_shards  # else torchrun's RANK/WORLD_SIZE, else (0, 1)
+    if rank is None and world is None:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    elif rank is None or world is None or not 0 <= rank < world:
+        raise LacunaError("--shard-index I and --num-shards N go together, with 0 <= I < N")
     if settings.num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fork below would disable it anyway, with a warning
     if (local_processes := int(os.environ.get("LOCAL_WORLD_SIZE", 1))) > 1:  # torchrun: the node's processes share
@@ -216,18 +191,23 @@ def locked_prepare(config: Config) -> dict[str, Any] | None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
     tokenizer = load_tokenizer(settings.tokenizer, config.model.trust_remote_code)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which lacuna's "
+                          "batched tokenization needs: pass a --tokenizer folder that has a tokenizer.json")
     chosen = None
     if settings.mode == "sft":
-        if getattr(tokenizer, "backend_tokenizer", None) is None:
-            raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which SFT "
-                              "masks need: pass a --tokenizer folder that has a tokenizer.json")
         chosen = choose_template(settings.chat_template, tokenizer)
         check_template(chosen.source, chosen.name)
         if not settings.quiet and rank == 0:
             print(f"chat template: {chosen.name} ({chosen.reason})", flush=True)
     dtype = token_dtype(len(tokenizer))
     sources = [load_source(source, settings) for source in sources]
-    header = manifest_header(config, tokenizer, chosen, dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    described = {"name": settings.tokenizer, "vocab_size": len(tokenizer), "hash": tokenizer_hash(tokenizer)}
+    header = {**FORMAT, "seq_len": settings.seq_len, "token_dtype": dtype.name, "mode": settings.mode, "pad_id": pad_id,
+              "tokenizer": described, "chat_template": f"{chosen.name} ({chosen.reason})" if chosen else None,
+              "chat_template_hash": hashlib.sha256(chosen.source.encode()).hexdigest() if chosen else None,
+              "config": recorded_settings(config)}  # the manifest's fields besides shards and stats
     inputs = [getattr(source.dataset, "_fingerprint", source.spec) for source in sources]
     fingerprint = hashlib.sha256(json.dumps([header, inputs, world]).encode()).hexdigest()
     partial = out.with_name(out.name + ".partial")

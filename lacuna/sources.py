@@ -1,5 +1,4 @@
-"""Where records come from: `--dataset` specs (local files, globs, folders, Hub names) read with datasets, and
-each process's share of them in batches of records (JSON lines, or dicts of the dataset's columns)."""
+"""`--dataset` specs (local files, globs, folders, Hub names) read with datasets; each process's share in batches."""
 
 import glob
 from collections.abc import Iterator
@@ -112,8 +111,7 @@ def load_source(source: Source, settings: PrepareConfig) -> Source:
 
 def record_batches(source: Source, source_index: int, rank: int, world: int, workers: int, runs: list[list[int]]
                    ) -> Iterator[RecordBatch]:
-    """This process's share of a source in batches, several per worker; `runs` gets [source index, file, records]
-    per file read (a table's contiguous slice counts as file 0)."""
+    """This process's share of a source in batches; `runs` gets [source index, file, records] per file read."""
     from datasets.distributed import split_dataset_by_node
 
     size, first, several_files = BATCH_SIZE, 0, False

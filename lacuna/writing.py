@@ -1,6 +1,4 @@
-"""The merge, divided among processes: each orders all parts' documents (source, position), splits them (seeded val
-hold-out, mixture weights: from the lengths alone) and cuts each split into groups of about --pack-group-tokens tokens;
-group g (all splits in order) is best-fit packed alone by process g mod W; the last to finish writes the manifest."""
+"""The merge, divided among processes (README, "Scale"): split, cut into groups, pack group g in process g mod W."""
 
 # Groups cost little fill: 2**23-token groups (the default) lose 0.012 % against one global best-fit at seq_len 2048
 # on the stdlib corpus ×10 (34 M tokens, 5 groups) and nothing on the chat corpus ×10 (one group); 2**21: 0.06 %.
@@ -103,9 +101,7 @@ def plan_splits(documents: Documents, sources: list[Source], settings: PrepareCo
     selected, report = [], []
     for index, source in enumerate(sources):
         candidates = train[documents.source[train] == index]
-        target = len(candidates)
-        if source.weight is not None:
-            target = int(round(source.weight / total_weight * len(train)))
+        target = len(candidates) if source.weight is None else int(round(source.weight / total_weight * len(train)))
         repeats, remainder = divmod(target, len(candidates)) if len(candidates) else (0, 0)
         extra = np.sort(rng.choice(candidates, remainder, replace=False)) if remainder else candidates[:0]
         selected.append(np.concatenate([np.tile(candidates, repeats), extra]))
@@ -127,8 +123,7 @@ def segments(documents: Documents, ids: np.ndarray, seq_len: int) -> Items:
 
 def build_shard(rows: list[list[int]], items: Items, documents: Documents, seq_len: int,
                 dtype: np.dtype, pad_id: int, stored_masks: bool) -> dict[str, np.ndarray]:
-    """One shard's arrays; without `stored_masks` (pretraining parts keep none) every position but a segment's
-    first is a target."""
+    """One shard's arrays; without `stored_masks` (pretraining) every position but a segment's first is a target."""
     tokens = np.full((len(rows), seq_len), pad_id, dtype)
     loss_mask = np.zeros((len(rows), seq_len), np.uint8)
     boundaries, row_offsets, max_seqlen = [], [0], []
@@ -180,8 +175,7 @@ def pack_group(documents: Documents, items: Items, split: str, index: int, setti
 
 def merge(sources: list[Source], settings: PrepareConfig, rank: int, world: int, partial: Path, out: Path,
           header: dict[str, Any], fingerprint: str, dtype: np.dtype) -> dict[str, Any] | None:
-    """Pack and write this process's groups; the last to finish writes the manifest, puts the folder at `out` (the
-    old one, with --overwrite, removed last: files.replace_directory) and returns the manifest (others: None)."""
+    """Pack and write this process's groups; the last to finish puts the folder at `out` and returns the manifest."""
     documents = load_parts(partial / "parts", world, dtype)
     splits, report = plan_splits(documents, sources, settings)
     items = {split: segments(documents, ids, settings.seq_len) for split, ids in splits.items()}
