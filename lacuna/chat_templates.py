@@ -97,8 +97,7 @@ class GenerationSpans(Extension):
 
 @lru_cache(maxsize=4)
 def compile_template(source: str) -> Template:
-    """`source` compiled as transformers' `apply_chat_template` compiles it (its sandbox, options, filters and
-    globals), so both render the same text, with generation blocks leaving span marks (GenerationSpans)."""
+    """`source` compiled as transformers' `apply_chat_template` compiles it (both render alike), with span marks."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     reference = _compile_jinja_template("").environment

@@ -116,8 +116,7 @@ class Completion(NamedTuple):
 
 
 def read_record(record: Any, field: str, where: str, sft: bool = False) -> tuple[dict[str, Any], Any]:
-    """A record (a JSON line, or a dict of the dataset's columns) and its `field` (ShareGPT: conversations; None for
-    a prompt–completion record in `sft`)."""
+    """A record (a JSON line, or a dict of columns) and its `field` (None: a prompt–completion record in `sft`)."""
     if isinstance(record, str):
         try:
             record = json.loads(record)
@@ -222,7 +221,7 @@ class Encoder:
             if token is not None:
                 tokens[position], is_text[position] = token, False
         tokens[is_text] = np.fromiter(chain.from_iterable(ids), self.dtype, count=int(is_text.sum()))
-        return tokens, np.ones(len(tokens), np.uint8), lengths
+        return tokens, np.ones(len(tokens), np.uint8), lengths, np.zeros(len(lengths), bool)
 
     def sft_documents(self, numbered: list[tuple[int, Any]], where: str, check: bool = False) -> tuple[Any, ...]:
         """Rendering with assistant spans, one batched tokenization, and a token supervised when its characters
@@ -242,8 +241,7 @@ class Encoder:
         tallies = np.array([chat.counts for chat in chats if isinstance(chat, Conversation)], np.int64)
         counts = Counter(dict(zip(KINDS, tallies.reshape(-1, len(KINDS)).sum(axis=0).tolist(), strict=True)))
         if check:
-            counts["prefix_checked"], counts["not_prefix_preserving"] = self.check_template(chats, marked_texts,
-                                                                                            numbered)
+            counts.update(self.check_template(chats, marked_texts, numbered))
         plain = [isinstance(chat, Completion) for chat in chats]  # tokenized as TRL does: with special tokens
         encoded = {flag: iter(self.tokenizer.backend_tokenizer.encode_batch(
             [text for text, kind in zip(texts, plain, strict=True) if kind == flag], add_special_tokens=flag))
@@ -275,8 +273,8 @@ class Encoder:
         except RenderError as error:
             raise LacunaError(f"{where}: {error}") from None
 
-    def check_template(self, chats: list[Conversation], marked_texts: list[str], numbered: list) -> tuple[int, int]:
-        """Refuse end-of-turn tokens after generation blocks; count (multi-turn checked, not prefix-preserving)."""
+    def check_template(self, chats: list[Conversation], marked_texts: list[str], numbered: list) -> dict[str, int]:
+        """Refuse end-of-turn tokens after generation blocks; count multi-turn conversations checked and differing."""
         special = [token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special]
         end_tokens = end_of_turn_tokens(self.renderer, special) or {self.tokenizer.eos_token}
         checked, differing = 0, 0
@@ -295,7 +293,7 @@ class Encoder:
             checked += bool(ends)
             differing += any(not marked.startswith(self.renderer.render(chat.messages[:end], chat.tools,
                                                                         chat.variables)) for end in ends)
-        return checked, differing
+        return {"prefix_checked": checked, "not_prefix_preserving": differing}
 
     def __call__(self, batch: RecordBatch) -> EncodedBatch:
         where = f"{batch.origin} record #{{}}"
@@ -307,7 +305,7 @@ class Encoder:
         tokens, masks, lengths, excluded, counts = self.sft_documents(numbered, where, checked)
         return EncodedBatch(*self.finish(tokens, masks, lengths, excluded), counts)
 
-    def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray | None = None
+    def finish(self, tokens: np.ndarray, masks: np.ndarray, lengths: np.ndarray, excluded: np.ndarray
                ) -> tuple[np.ndarray, ...]:
         """Mask document starts, apply --overlong, set statuses; returns kept tokens, masks, lengths, statuses."""
         starts = np.cumsum(lengths) - lengths
@@ -321,8 +319,7 @@ class Encoder:
         has_target = supervised_before[starts + kept] > supervised_before[starts]  # truncated: the kept part counts
         empty = (status != DocumentStatus.DROPPED) & ~has_target
         status[empty], kept[empty] = DocumentStatus.EMPTY, 0
-        if excluded is not None:
-            status[excluded], kept[excluded] = DocumentStatus.EXCLUDED, 0
+        status[excluded], kept[excluded] = DocumentStatus.EXCLUDED, 0
         if (kept == lengths).all():
             return tokens, masks, kept, status
         document = np.repeat(np.arange(len(lengths)), lengths)

@@ -5,6 +5,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lacuna.prepare import load_tokenizer, print_report
 from lacuna.shards import Row, open_shards, read_manifest
 
@@ -15,11 +17,9 @@ def row_segments(row: Row, tokenizer: Any) -> list[dict[str, Any]]:
     segments = []
     for number, (start, end) in enumerate(pairwise(bounds)):
         mask = row.loss_mask[start:end].tolist()
-        runs, first = [], start
-        for position in range(start + 1, end + 1):
-            if position == end or mask[position - start] != mask[first - start]:
-                runs.append([tokenizer.decode(row.tokens[first:position].tolist()), bool(mask[first - start])])
-                first = position
+        cuts = [start, *(start + np.flatnonzero(np.diff(mask)) + 1).tolist(), end]  # where the mask changes
+        runs = [[tokenizer.decode(row.tokens[first:last].tolist()), bool(mask[first - start])]
+                for first, last in pairwise(cuts)]
         padding = number == len(bounds) - 2 and not any(mask)  # documents always hold a supervised token
         segments.append({"start": start, "end": end, "padding": padding, "supervised": sum(mask), "runs": runs})
     return segments

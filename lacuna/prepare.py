@@ -31,11 +31,10 @@ SUMMARY_KEYS = ("documents", "tokens", "supervised_tokens", "rows", "fill", "spl
                 "empty_mask", "all_turns_excluded")
 
 
-ENCODER: Encoder | None = None  # set before forking --num-proc workers, which inherit it
+ENCODER: Encoder  # set before forking --num-proc workers, which inherit it
 
 
 def encode_in_worker(batch: RecordBatch) -> EncodedBatch:
-    assert ENCODER is not None
     return ENCODER(batch)
 
 
@@ -46,8 +45,7 @@ def in_order(pool: Any, batches: Iterator, window: int) -> Iterator[EncodedBatch
         pending.append(pool.apply_async(encode_in_worker, (batch,)))
         if len(pending) == window:
             yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    yield from (result.get() for result in pending)
 
 
 def tokenize_part(sources: list[Source], encoder: Encoder, settings: PrepareConfig, rank: int, world: int,

@@ -51,8 +51,7 @@ class Group(NamedTuple):  # a packing group: items [first, end) of one split, pa
 
 
 def output_lock(out: Path, settings: PrepareConfig) -> AbstractContextManager[None]:
-    """The lock on --out (files.exclusive_lock) that every process of a prepare takes before any work: torchrun's
-    processes are one job, and so are --shard-index processes with the same settings; anything else is refused."""
+    """The lock on --out every process of a prepare takes: torchrun's, or --shard-index ones with the same settings."""
     shared = settings.model_dump_json(exclude={"shard_index", "num_proc", "quiet", "overwrite"})
     return exclusive_lock(out, "prepare output", None if settings.shard_index is None else f"prepare {shared}")
 

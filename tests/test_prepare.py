@@ -119,7 +119,8 @@ def test_document_status_kept_truncated_dropped_empty() -> None:
                                    ("drop", [KEPT, EMPTY, DROPPED, EMPTY, DROPPED], [3, 0, 0, 0, 0])):
         encoder = Encoder("sft", None, None, 4, overlong, np.dtype(np.uint16))
         flat = np.array([bit for mask in masks for bit in mask], np.uint8)
-        kept_tokens, kept_masks, kept_lengths, states = encoder.finish(tokens.copy(), flat, lengths)
+        kept_tokens, kept_masks, kept_lengths, states = encoder.finish(tokens.copy(), flat, lengths,
+                                                                       np.zeros(len(lengths), bool))
         assert states.tolist() == status and kept_lengths.tolist() == kept
         expected = [0, 1, 2] + ([11, 12, 13, 14] if overlong == "truncate" else [])
         assert kept_tokens.tolist() == expected
