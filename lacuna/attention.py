@@ -64,9 +64,7 @@ def torch_varlen_attention() -> Callable | None:
 
 
 def causal_options(parameters: set[str]) -> dict[str, object]:
-    """Keywords that make `varlen_attn` causal (2.10: `is_causal`; 2.11+: `window_size=(-1, 0)`) and let 2.12+ take
-    grouped key/value heads (`enable_gqa`): its kernel takes them on every version (flash: num_heads % num_heads_k ==
-    0, gradients summed per group), so they are never repeated."""
+    """Keywords making `varlen_attn` causal (2.10 is_causal, 2.11+ window_size) with grouped K/V (2.12+)."""
     options: dict[str, object] = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
     return options | ({"enable_gqa": True} if "enable_gqa" in parameters else {})
 

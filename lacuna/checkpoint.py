@@ -1,11 +1,5 @@
-"""DCP checkpoints, the run's checkpoint policy (`Checkpointer`) and HF export.
-
-A checkpoint is `RUN_DIR/checkpoints/step-00000100/`: the sharded model and optimizer (DCP, loadable at any world
-size), `rng-RANK.pt`, `meta.json` (step, data position, eval loss, model fingerprint, data identity, the size of
-every file) and the resolved `config.toml`. It is written as `step-00000100.tmp/` and renamed when complete, so a
-`step-N` folder is whole; a resume checks the recorded file sizes and skips an unreadable checkpoint for the newest
-readable one, naming both.
-"""
+"""DCP checkpoints (`step-N/`, written as `step-N.tmp/` and renamed when complete; meta.json records every file's
+size), the run's checkpoint policy (`Checkpointer`) and HF export."""
 
 import errno
 import hashlib
@@ -144,8 +138,7 @@ def prune(directory: Path, keep: int) -> None:
 
 
 def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG state in place (collective); returns the meta. A different
-    model is a LacunaError; an unreadable checkpoint raises OSError/RuntimeError/CheckpointException."""
+    """Restore model, optimizer and RNG (collective); a different model is a LacunaError."""
     meta = read_meta(checkpoint)
     if meta["fingerprint"] != model_fingerprint(model):
         raise LacunaError(f"checkpoint '{checkpoint}' is from a different model ({meta['model_name']}, other "
@@ -166,8 +159,7 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 @dataclass
 class Start:
-    """Where a run starts: the checkpoint it resumed from (None: step 0), its step and data position, the saving
-    run's global batch and world size, and what the resume skipped or changed (for the start-up lines)."""
+    """Where a run starts, the saving run's global batch and world size, and what the resume skipped."""
 
     checkpoint: Path | None = None
     step: int = 0
@@ -178,8 +170,7 @@ class Start:
 
 
 class Checkpointer:
-    """The run's checkpoint policy: which checkpoint a run resumes from (the newest readable one), when it saves
-    (every `checkpoint.every` steps and at the last step), how many it keeps, and the export at the end."""
+    """The run's checkpoint policy: resume from the newest readable one, save every N and last, keep, export."""
 
     def __init__(self, config: Config) -> None:
         self.config, self.directory = config, config.run_dir / "checkpoints"
@@ -251,8 +242,8 @@ class Checkpointer:
 
 
 def export(checkpoint: Path, out: Path, overwrite: bool = False) -> None:
-    """Write `checkpoint` as an HF folder (weights, config, sampling generation config, tokenizer, chat template),
-    holding the lock on `out` and replacing it atomically; a folder lacuna did not export only with `overwrite`."""
+    """`checkpoint` as an HF folder at `out`, under its lock, swapped in atomically; a folder lacuna did not
+    export is replaced only with `overwrite`."""
     meta = read_meta(checkpoint)
     with exclusive_lock(out, "export"):
         if out.exists() and not overwrite and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():

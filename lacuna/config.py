@@ -1,9 +1,5 @@
-"""One pydantic config for the whole pipeline, composed from TOML files and command-line overrides.
-
-Command lines look like `@ configs/sft.toml @ more.toml --optim.lr 1e-5 --batch-size 4`: files apply in
-order (later wins), then overrides win over files. An override names a dotted path (`--optim.lr`), its dash
-form (`--optim-lr`), or a short alias (`--lr`). In `prepare`, bare keys name fields of the `[prepare]` table.
-"""
+"""One pydantic config for the whole pipeline: `@ file.toml` files in order (later wins), then `--dotted.key`,
+`--dash-key` or alias overrides; in `prepare`, bare keys name `[prepare]` fields."""
 
 import difflib
 import json

@@ -64,14 +64,8 @@ def job_identity() -> str:
 
 @contextmanager
 def exclusive_lock(target: Path, what: str, job: str | None = None) -> Iterator[None]:
-    """Hold the lock on the folder `target` (which need not exist yet) while writing it; refuse another job.
-
-    Every process of a job calls this and they share the lock: a job is `job` when given, else job_identity(). It is
-    an flock on `.{name}.lock` beside `target` (there before the target, kept by replace_directory, nothing inside
-    the folder), which the kernel drops when its process dies: a killed job's lock is free again at once. The job's
-    first process writes itself into the file and recovers a killed replace_directory of `target`; its last one
-    removes the file, and the folders the lock had to create when they are still empty.
-    """
+    """Hold the lock on folder `target` (an flock on `.NAME.lock` beside it, freed by the kernel when its holder
+    dies) shared by one job's processes (`job`, else job_identity()); another job is refused in one line."""
     target = Path(target)
     check_writable(target.parent, f"the folder of {what}")
     created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]

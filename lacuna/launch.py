@@ -1,10 +1,5 @@
-"""`lacuna train`: start torchrun (in this process) with the right process count, threads and rendezvous.
-
-One node: `--standalone` (a free local port). Several nodes: every node runs the same command with
-`--nnodes N --parallel.rdzv-endpoint HOST:PORT` (the first node) and torchrun's c10d rendezvous assigns ranks;
-pipelines/slurm.sh does this with one srun task per node. A failed worker makes torchrun restart the whole group
-up to `parallel.max_restarts` times, and every rank then resumes from the newest complete checkpoint.
-"""
+"""`lacuna train`: torchrun (in this process) with the right process count, threads and rendezvous, one node or
+many (`--nnodes N --parallel.rdzv-endpoint HOST:PORT`; pipelines/slurm.sh)."""
 
 import os
 import re

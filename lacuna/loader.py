@@ -1,11 +1,5 @@
-"""Memory-mapped, deterministic, resumable batches of packed rows.
-
-Order: every epoch is a seeded permutation of all rows, computed per position, never stored (`epoch_rows`). An
-optimizer step takes the next global batch of `batch_size × grad_accum × world_size` rows from it (a trailing
-partial global batch is skipped), rank r takes the r-th contiguous slice and splits it into grad_accum micro-batches.
-The data position is (epoch, offset in rows), so a resume continues at the exact next row, also with another world
-size at the same global batch.
-"""
+"""Memory-mapped, deterministic, resumable batches of packed rows (README: Training, Data): each epoch a seeded
+permutation computed per position, rank r the r-th slice of each global batch, the position (epoch, row offset)."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -20,15 +20,13 @@ def cpu_model() -> str:
 
 
 def native_bfloat16_flags() -> set[str] | None:
-    """The CPU's native-bf16 feature flags (x86 `amx_bf16`/`avx512_bf16`, Arm `bf16`); None where the kernel does
-    not list flags (not Linux)."""
+    """The CPU's native-bf16 flags (amx_bf16, avx512_bf16, Arm bf16); None where the OS lists no flags."""
     flags = {flag for line in cpuinfo().splitlines() if line.startswith(("flags", "Features")) for flag in line.split()}
     return flags & {"amx_bf16", "avx512_bf16", "bf16"} if flags else None
 
 
 def physical_cores(text: str, allowed_cpus: set[int]) -> int:
-    """Distinct (socket, core) pairs among the allowed logical CPUs of cpuinfo `text`; the allowed count when it has
-    no core ids."""
+    """Distinct (socket, core) pairs among the allowed CPUs of cpuinfo `text` (else the allowed count)."""
     cores = set()
     for block in text.split("\n\n"):
         fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)

@@ -19,9 +19,7 @@ GPU_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 98
 
 
 def measure_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, largest: int = 2048, device: str = "cpu") -> float:
-    """Best square-matmul flops of this process on `device` (a CPU, or a GPU with no spec-sheet peak to look up)
-    within about `seconds`: sizes double from 256 up to `largest` while the next size still fits the budget (a CPU
-    that emulates bf16 runs it ~50× slower than fp32, so a fixed size could take a minute); best of 3 each."""
+    """Best square-matmul flops on `device` within about `seconds`, sizes doubling from 256 to `largest`."""
     deadline, size, best = time.perf_counter() + seconds, 256, 0.0
     while True:
         left, right = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
@@ -69,11 +67,7 @@ def cpu_dtype_from_flags(native_flags: set[str], capability: str) -> DtypeChoice
 
 
 def choose_dtype(choice: str, device: torch.device) -> DtypeChoice:
-    """The compute dtype for `model.dtype` (`auto`: the fast correct one on this device) and the reason for it.
-
-    On CPU the processor's feature flags decide where the OS lists them (the same answer every run, so loss curves
-    stay bit-identical run to run; a timing probe on a busy machine could flip), else a matmul probe of both dtypes.
-    """
+    """`model.dtype` resolved (auto: bf16 where the device computes it natively, by CPU flags, else a matmul probe)."""
     if choice != "auto":
         return DtypeChoice(choice, "model.dtype")
     if device.type == "cuda":

@@ -255,11 +255,7 @@ def count_parameters(model: nn.Module, matmul_only: bool = False) -> int:
 
 
 def flops_per_token(model_config: PreTrainedConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the N matmul parameters plus 12·layers·heads·head_dim·seq_len for attention.
-
-    The attention term is the PaLM/nanoGPT convention (every token attends to a full `seq_len` context), so MFU
-    stays comparable across runs; causal, per-document attention does less work than that.
-    """
+    """Training FLOPs per token: 6·(matmul parameters) + 12·layers·heads·head_dim·seq_len (PaLM's attention term)."""
     with torch.device("meta"):  # trust_remote_code: the config object already came from code the user trusted
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=True)
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads

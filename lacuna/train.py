@@ -1,10 +1,5 @@
-"""Train an HF causal LM on prepared shards under FSDP2: `torchrun --nproc_per_node N -m lacuna.train --data DIR
-[@ configs/x.toml] [--overrides]`, `python -m lacuna.train ...` (one process) or `lacuna train ...` (launches torchrun).
-
-The run folder (locked while a run uses it) holds config.toml, metrics.jsonl (a start record, `{"event": "start",
-...}`, of what each run or resume decided, then one record per logged step), checkpoints/step-N/ and export/. A
-restarted run resumes from the newest readable checkpoint at the exact data position (README: Training).
-"""
+"""Train an HF causal LM on prepared shards under FSDP2 (`torchrun -m lacuna.train`, `python -m lacuna.train` or
+`lacuna train`); the run folder, resume and start record are described in the README's Training section."""
 
 import gc
 import math
@@ -32,14 +27,12 @@ from lacuna.shards import ShardSet, open_shards
 
 
 def process_group_backend(cuda: bool) -> str:
-    """gloo for CPU tensors beside NCCL for CUDA ones: checkpointing and object collectives reduce CPU tensors, which
-    an NCCL-only group refuses ("No backend type associated with device type cpu")."""
+    """gloo beside NCCL: checkpointing and object collectives reduce CPU tensors, which NCCL refuses."""
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def init_distributed(timeout_seconds: int) -> torch.device:
-    """Process group from torchrun's environment, or a one-process group without it; returns this rank's device.
-    Stops when GPUs are visible but this torch cannot use them (it would train on the CPU without a word)."""
+    """Process group (torchrun's, or one process); stops when GPUs are visible but unusable by this torch."""
     cuda = torch.cuda.is_available()
     driver = None if cuda else nvidia_driver()
     if driver is not None:
@@ -97,9 +90,7 @@ def check_data(shards: ShardSet, model_config: Any, config: Config) -> None:
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm, clipping gradients to `max_norm` when it is positive. Squares are summed per local
-    shard, then over ranks; in fp64 on CPU, whose fp32 norm of a large embedding is off by ~1e-4 (differently for
-    every sharding)."""
+    """The global gradient norm (squares summed per shard, fp64 on CPU), clipping to `max_norm` when positive."""
     parameters = [parameter for parameter in model.parameters() if parameter.grad is not None]
     local = [parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
              for parameter in parameters]
@@ -122,9 +113,7 @@ class StepResult(NamedTuple):
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[Batch], supervised_total: int,
                          device: torch.device) -> torch.Tensor:
-    """Forward/backward of every micro-batch; returns this rank's summed token losses (fp32). Each loss is divided by
-    the global batch's supervised-token count and FSDP sums gradients over ranks, so the gradient is that of the mean
-    loss over the whole optimizer step."""
+    """Forward/backward of every micro-batch, each loss over the global supervised-token count (FSDP sums)."""
     from lacuna.model import loss_sum
 
     local_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -163,8 +152,7 @@ def evaluate(model: torch.nn.Module, shards: ShardSet, config: Config, device: t
 
 
 def derive_grad_accum(data: DataConfig, world_size: int, start: Start) -> int:
-    """Micro-batches per step: global_batch_rows / (batch_size × world size) when the config states a global
-    batch; after a resume on another world size, the checkpoint's global batch kept the same way; else grad_accum."""
+    """Micro-batches per step: from data.global_batch_rows, or a resumed global batch on another world size."""
     rows = data.global_batch_rows or (start.global_batch_rows if start.world_size not in (None, world_size) else None)
     if rows is None:
         return data.grad_accum
