@@ -162,9 +162,8 @@ def prepare(config: Config) -> dict[str, Any] | None:
         return locked_prepare(config)
 
 
-def locked_prepare(config: Config) -> dict[str, Any] | None:
-    settings, out = config.prepare, Path(config.prepare.out or config.data.path)
-    settings.tokenizer = settings.tokenizer or config.model.name
+def place_process(settings: PrepareConfig, out: Path) -> tuple[list[Source], int, int]:
+    """The settings checked before any work, the parsed --dataset specs, and this process's rank and count."""
     if not settings.dataset:
         raise LacunaError("no dataset given: pass --dataset PATH_OR_NAME (or set dataset in [prepare])")
     if out.exists() and not settings.overwrite:
@@ -184,6 +183,13 @@ def locked_prepare(config: Config) -> dict[str, Any] | None:
         from lacuna.launch import machine_physical_cores, omp_threads
 
         os.environ.setdefault("RAYON_NUM_THREADS", str(omp_threads(local_processes, machine_physical_cores())))
+    return sources, rank, world
+
+
+def locked_prepare(config: Config) -> dict[str, Any] | None:
+    settings, out = config.prepare, Path(config.prepare.out or config.data.path)
+    settings.tokenizer = settings.tokenizer or config.model.name
+    sources, rank, world = place_process(settings, out)
     import datasets
 
     datasets.disable_progress_bars()
