@@ -183,6 +183,10 @@ def place_process(settings: PrepareConfig, out: Path) -> tuple[list[Source], int
         from lacuna.launch import machine_physical_cores, omp_threads
 
         os.environ.setdefault("RAYON_NUM_THREADS", str(omp_threads(local_processes, machine_physical_cores())))
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
     return sources, rank, world
 
 
@@ -190,10 +194,6 @@ def locked_prepare(config: Config) -> dict[str, Any] | None:
     settings, out = config.prepare, Path(config.prepare.out or config.data.path)
     settings.tokenizer = settings.tokenizer or config.model.name
     sources, rank, world = place_process(settings, out)
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become one LacunaError line instead
     tokenizer = load_tokenizer(settings.tokenizer, config.model.trust_remote_code)
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise LacunaError(f"tokenizer '{settings.tokenizer}' has no fast (Rust `tokenizers`) backend, which lacuna's "
